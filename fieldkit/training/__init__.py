@@ -1,0 +1,56 @@
+"""Fine-tuning primitives: a CPU-held LoRA reference policy and a weight-delta check.
+
+Pure functions over plain state dicts (``dict[str, Tensor]``):
+:func:`capture_trainable`, :func:`load_adapter_dict`, :func:`swap_in`, :func:`restore`,
+:func:`weight_delta`; and two thin classes over them: :class:`LoraReferenceSnapshot`,
+:class:`WeightDeltaTracker`.
+
+Importing this package costs nothing: torch is imported when a name is first used, and a
+missing torch is one clear ``ImportError``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._adapter import LoadReport, load_adapter_dict
+    from ._snapshot import LoraReferenceSnapshot
+    from ._state import StateDict, capture_trainable, restore, swap_in, weight_delta
+    from ._tracker import WeightDeltaTracker
+
+_EXPORTS = {
+    "StateDict": "_state",
+    "capture_trainable": "_state",
+    "swap_in": "_state",
+    "restore": "_state",
+    "weight_delta": "_state",
+    "LoadReport": "_adapter",
+    "load_adapter_dict": "_adapter",
+    "LoraReferenceSnapshot": "_snapshot",
+    "WeightDeltaTracker": "_tracker",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+    except ModuleNotFoundError as e:
+        if e.name != "torch" and not (e.name or "").startswith("torch."):
+            raise
+        raise ImportError(
+            f"fieldkit.training.{name} needs PyTorch, which is not installed. Install it in "
+            "your training environment: pip install torch (CPU-only builds: add "
+            "--index-url https://download.pytorch.org/whl/cpu), or pip install 'fieldkit[torch]'."
+        ) from None
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,139 @@
+"""LoraReferenceSnapshot: a CPU copy of the adapter, swapped in for a no-grad reference forward."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ._adapter import LoadReport, load_adapter_dict
+from ._state import StateDict, _bind, _host_copy, capture_trainable, restore, swap_in
+
+
+class LoraReferenceSnapshot:
+    """A frozen reference policy for one live peft model, held on the CPU.
+
+    ``with snap:`` swaps the snapshot into the live model, runs the body under
+    ``torch.no_grad()``, and restores the trainable weights on exit, also when the body raises
+    (``KeyboardInterrupt`` included). No second model or adapter lives on the device, no
+    ``requires_grad`` flag changes, and ``train()``/``eval()`` mode is left as you set it (call
+    ``model.eval()`` yourself if the reference forward should run without dropout). It is safe
+    between a policy forward and its ``backward()``: the gradients are bit-identical to a step
+    without the reference forward.
+
+    Args:
+        model: the live model (usually a ``peft.PeftModel``).
+        snapshot: ``{name: tensor}`` to use instead of the model's current trainable weights,
+            e.g. one snapshot shared by several model instances. It is copied to the CPU; names,
+            shapes and dtypes must match parameters of ``model``.
+
+    Raises:
+        ValueError: unknown names, shape or dtype mismatches in ``snapshot``, or parameters fieldkit
+            cannot swap (offloaded to ``meta``, sharded); raised here, before any swap.
+        RuntimeError: entering a snapshot that is already entered.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> snap = LoraReferenceSnapshot(model)       # the reference: the weights as of now
+    >>> with torch.no_grad():
+    ...     _ = model.weight.add_(1.0)             # a training step moves the policy
+    >>> x = torch.ones(1, 2)
+    >>> with snap:
+    ...     ref = model(x)                         # the reference's output, no grad
+    >>> torch.equal(ref, x @ snap.state["weight"].T + snap.state["bias"]), ref.requires_grad
+    (True, False)
+    >>> len(snap)
+    2
+    """
+
+    def __init__(self, model: nn.Module, *, snapshot: Mapping[str, torch.Tensor] | None = None):
+        if snapshot is None:
+            state = capture_trainable(model)
+        else:
+            bound = _bind("LoraReferenceSnapshot", model, snapshot, "snapshot")
+            state = {name: _host_copy(value, like=param) for name, param, value in bound}
+        self._setup(model, state, report=None, source="online")
+
+    def _setup(self, model: nn.Module, state: StateDict, report: LoadReport | None, source: str):
+        self._model = model
+        self._state = state
+        self.report = report
+        self._source = source
+        self._displaced: StateDict | None = None
+        self._no_grad: torch.no_grad | None = None
+
+    @classmethod
+    def from_disk(
+        cls,
+        model: nn.Module,
+        adapter_dir: str | os.PathLike,
+        *,
+        adapter_name: str = "default",
+        weights_filename: str = "adapter_model.safetensors",
+        strict: bool = False,
+    ) -> LoraReferenceSnapshot:
+        """Use an adapter saved by peft's ``save_pretrained`` as the reference.
+
+        Reads the file with :func:`load_adapter_dict` (same arguments and errors); the load
+        report is kept in ``.report``. File keys without a trainable live parameter are skipped
+        and reported, unless ``strict=True``.
+        """
+        state, report = load_adapter_dict(
+            model,
+            adapter_dir,
+            adapter_name=adapter_name,
+            weights_filename=weights_filename,
+            strict=strict,
+        )
+        _bind("LoraReferenceSnapshot.from_disk", model, state, "snapshot")  # offloaded params
+        snap = cls.__new__(cls)
+        snap._setup(model, state, report, source=report.path)
+        return snap
+
+    @property
+    def state(self) -> StateDict:
+        """The snapshot itself: ``{live parameter name: CPU tensor}``. Don't modify it while
+        the snapshot is entered."""
+        return self._state
+
+    @property
+    def active(self) -> bool:
+        """Whether the snapshot is swapped into the model right now."""
+        return self._displaced is not None
+
+    def __enter__(self) -> LoraReferenceSnapshot:
+        if self._displaced is not None:
+            raise RuntimeError(
+                "LoraReferenceSnapshot is already entered: one swap at a time per snapshot. "
+                "Leave the outer `with snap:` block first."
+            )
+        no_grad = torch.no_grad()
+        no_grad.__enter__()
+        try:
+            self._displaced = swap_in(self._model, self._state)
+        except BaseException:
+            no_grad.__exit__(None, None, None)
+            raise
+        self._no_grad = no_grad
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            restore(self._model, self._displaced)
+        finally:
+            self._displaced = None
+            self._no_grad.__exit__(*exc_info)
+            self._no_grad = None
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def __repr__(self) -> str:
+        numel = sum(t.numel() for t in self._state.values())
+        nbytes = sum(t.numel() * t.element_size() for t in self._state.values())
+        return (
+            f"LoraReferenceSnapshot(source={self._source!r}, tensors={len(self)}, "
+            f"params={numel:,}, bytes={nbytes / 2**20:.2f} MiB, active={self.active})"
+        )
