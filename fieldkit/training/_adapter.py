@@ -164,9 +164,10 @@ def load_adapter_dict(
     Raises:
         FileNotFoundError: no such directory or weights file.
         ValueError: the file is not valid safetensors (the message names the path), a shape
-            mismatch (naming the key and both shapes), a config mismatch, nothing matched, or
+            mismatch (naming the key and both shapes), a config mismatch, an unknown
+            ``adapter_name``, nothing matched, or
             with ``strict=True`` anything skipped or missing.
-        TypeError: ``model`` is not a peft model, or has no adapter ``adapter_name``.
+        TypeError: ``model`` is not a ``peft.PeftModel``.
         ImportError: safetensors or peft is not installed.
 
     >>> import tempfile, torch, transformers, peft
@@ -193,7 +194,7 @@ def load_adapter_dict(
             f"PeftModel.from_pretrained), got {type(model).__name__}"
         )
     if adapter_name not in model.peft_config:
-        raise TypeError(
+        raise ValueError(
             f"{fn}: the model has no adapter {adapter_name!r}; its adapters: "
             f"{_keys(model.peft_config)}"
         )

@@ -1,0 +1,87 @@
+"""Tiny real models (transformers configs, random init, wrapped by real peft) and checks."""
+
+from __future__ import annotations
+
+import peft
+import torch
+import transformers
+
+VOCAB = 64
+TOKENS = torch.tensor([[1, 5, 9, 2, 33, 17, 8, 63], [4, 4, 12, 40, 2, 7, 0, 11]])
+
+# One entry per peft key form of ANCHORS §1: LoraConfig kwargs, LlamaConfig kwargs.
+VARIANTS = {
+    "linear": (dict(target_modules=["q_proj", "v_proj"]), {}),
+    "embedding": (dict(target_modules=["embed_tokens", "q_proj"]), {}),
+    "dora": (dict(target_modules=["q_proj", "v_proj"], use_dora=True), {}),
+    "modules_to_save": (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), {}),
+    "trainable_tokens": (
+        dict(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 5, 9]}),
+        {},
+    ),
+    "bias": (dict(target_modules=["q_proj", "k_proj"], bias="all"), dict(attention_bias=True)),
+}
+
+
+def base_model(seed: int = 0, **config) -> transformers.LlamaForCausalLM:
+    """A 2-layer Llama with random weights; the same seed gives the same base weights."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        **config,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def peft_model(variant: str = "linear", *, seed: int, adapter_name: str = "default", **lora):
+    """The variant's peft model over base weights of seed 0, every trainable tensor randomised
+    by ``seed`` so that two seeds give two clearly different adapters."""
+    lora_kwargs, config = VARIANTS[variant]
+    model = peft.get_peft_model(
+        base_model(0, **config),
+        peft.LoraConfig(**{"r": 4, "lora_alpha": 8, **lora_kwargs, **lora}),
+        adapter_name=adapter_name,
+    )
+    perturb(model, seed)
+    return model.eval()
+
+
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor, so that NaN payloads and -0.0 compare exactly."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def fingerprint(model: torch.nn.Module) -> dict:
+    return {
+        n: (p, bits(p).clone(), p.requires_grad, p.dtype, p.device)
+        for n, p in model.named_parameters()
+    }
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
+    """Every parameter is the same object as before, with the same bits, flag, dtype, device."""
+    now = dict(model.named_parameters())
+    assert now.keys() == before.keys()
+    for name, (param, raw, requires_grad, dtype, device) in before.items():
+        assert now[name] is param, f"{name}: parameter object replaced"
+        assert (param.requires_grad, param.dtype, param.device) == (requires_grad, dtype, device)
+        assert torch.equal(bits(param), raw), f"{name}: value changed"

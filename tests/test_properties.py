@@ -1,0 +1,96 @@
+"""Property tests: swap/restore round trip over random module trees; weight_delta's math."""
+
+import math
+
+import torch
+from helpers import assert_unchanged, bits, fingerprint
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import module_trees, state_pairs, states_for
+
+from fieldkit.training import capture_trainable, restore, swap_in, weight_delta
+
+
+@given(st.data())
+def test_swap_in_sets_values_and_restore_is_bit_exact(data):
+    model = data.draw(module_trees())
+    state = data.draw(states_for(model))
+    before = fingerprint(model)
+    grad_mode = torch.is_grad_enabled()
+
+    displaced = swap_in(model, state)
+
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        assert torch.equal(bits(params[name]), bits(value))
+        assert params[name] is before[name][0]
+        assert params[name].requires_grad == before[name][2]
+    for name in params.keys() - state.keys():
+        assert torch.equal(bits(params[name]), before[name][1])
+    restore(model, displaced)
+    assert_unchanged(model, before)
+    assert torch.is_grad_enabled() == grad_mode
+
+
+@given(st.data())
+def test_capture_trainable_copies_exactly_the_trainable_parameters(data):
+    model = data.draw(module_trees())
+    captured = capture_trainable(model)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert captured.keys() == trainable.keys()
+    for name, p in trainable.items():
+        c = captured[name]
+        assert (c.device.type, c.dtype, c.shape, c.requires_grad) == ("cpu", p.dtype, p.shape, False)
+        assert torch.equal(bits(c), bits(p))
+        if p.numel():
+            assert c.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+
+
+def _float64_delta(before, after):
+    sq, mx = 0.0, 0.0
+    for name, b in before.items():
+        d = (after[name].double() - b.double()).reshape(-1)
+        sq += float((d * d).sum())
+        mx = max([mx, *d.abs().tolist()])
+    return math.sqrt(sq), mx
+
+
+@given(state_pairs())
+def test_weight_delta_equals_a_float64_computation(pair):
+    before, after = pair
+    l2, max_abs = weight_delta(before, after)
+    ref_l2, ref_max = _float64_delta(before, after)
+    assert math.isclose(l2, ref_l2, rel_tol=1e-6, abs_tol=1e-30)
+    assert math.isclose(max_abs, ref_max, rel_tol=1e-6, abs_tol=1e-30)
+
+
+@given(state_pairs())
+def test_weight_delta_of_identical_states_is_zero(pair):
+    before, _ = pair
+    assert weight_delta(before, before) == (0.0, 0.0)
+    assert weight_delta(before, {k: v.clone() for k, v in before.items()}) == (0.0, 0.0)
+
+
+@given(state_pairs())
+def test_weight_delta_is_symmetric(pair):
+    before, after = pair
+    assert weight_delta(before, after) == weight_delta(after, before)
+
+
+@given(state_pairs())
+def test_weight_delta_bounds(pair):
+    before, after = pair
+    l2, max_abs = weight_delta(before, after)
+    numel = sum(t.numel() for t in before.values())
+    assert max_abs <= l2 * (1 + 1e-12)
+    assert l2 <= math.sqrt(numel) * max_abs * (1 + 1e-6)
+
+
+@given(state_pairs(), st.sets(st.text("abcxyz.", min_size=1, max_size=6)))
+def test_weight_delta_counts_only_names_found_in_after(pair, dropped):
+    before, after = pair
+    kept = {k: v for k, v in after.items() if k not in dropped}
+    expected = _float64_delta({k: before[k] for k in kept}, kept)
+    got = weight_delta(before, kept)
+    assert math.isclose(got[0], expected[0], rel_tol=1e-6, abs_tol=1e-30)
+    assert math.isclose(got[1], expected[1], rel_tol=1e-6, abs_tol=1e-30)
