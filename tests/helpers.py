@@ -67,6 +67,8 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a tensor, so that NaN payloads and -0.0 compare exactly."""
+    if t.is_meta:  # offloaded: no values to compare
+        return torch.empty(0, dtype=torch.uint8)
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 

@@ -1,0 +1,249 @@
+"""Swap behaviour on real peft models: the class, the guarantees, the failure modes."""
+
+import accelerate
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TOKENS, assert_unchanged, fingerprint, logits, peft_model, perturb
+
+from fieldkit.training import LoraReferenceSnapshot, capture_trainable, restore, swap_in
+
+
+@pytest.fixture
+def model():
+    return peft_model("linear", seed=2)
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def test_online_snapshot_gives_the_policy_as_it_was(model):
+    expected_ref = logits(model)
+    snap = LoraReferenceSnapshot(model)
+    perturb(model, seed=7)  # stands for optimizer steps
+    expected_live = logits(model)
+    before = fingerprint(model)
+    with snap as entered:
+        assert entered is snap and snap.active
+        assert not torch.is_grad_enabled()
+        out = model(TOKENS).logits
+        assert not out.requires_grad
+        torch.testing.assert_close(out, expected_ref, rtol=0, atol=0)
+    assert torch.is_grad_enabled() and not snap.active
+    torch.testing.assert_close(logits(model), expected_live, rtol=0, atol=0)
+    assert_unchanged(model, before)
+
+
+def test_snapshot_is_reusable_and_leaves_modes_and_flags_alone(model):
+    snap = LoraReferenceSnapshot(model)
+    perturb(model, seed=7)
+    model.train()
+    modes = {n: m.training for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for _ in range(3):
+        with snap:
+            pass
+    assert modes == {n: m.training for n, m in model.named_modules()}
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def _policy_step(model, reference=None, *, kl_to=None, use_kl=True):
+    """Policy forward, then ``reference()`` in between, then backward of cross-entropy plus a KL
+    to the reference logits (``kl_to``, or what ``reference()`` returned); the gradients."""
+    model.zero_grad(set_to_none=True)
+    policy = model(TOKENS).logits
+    between = reference() if reference else None
+    target = kl_to if kl_to is not None else between
+    loss = F.cross_entropy(policy.reshape(-1, policy.shape[-1]), TOKENS.reshape(-1))
+    if use_kl and target is not None:
+        log_p, log_ref = policy.log_softmax(-1), target.log_softmax(-1)
+        loss = loss + F.kl_div(log_ref, log_p, log_target=True, reduction="batchmean")
+    loss.backward()
+    return [p.grad.clone() for p in _trainable(model)]
+
+
+def test_reference_forward_between_policy_forward_and_backward_keeps_gradients_exact(model):
+    snap = LoraReferenceSnapshot(model)
+    perturb(model, seed=7)
+
+    def reference():
+        with snap:
+            return model(TOKENS).logits
+
+    ref_first = reference()
+    assert not torch.equal(ref_first, logits(model))  # the reference really differs
+
+    plain = _policy_step(model)
+    with_ref_between = _policy_step(model, reference, use_kl=False)
+    for a, b in zip(plain, with_ref_between, strict=True):
+        assert torch.equal(a, b)
+
+    # With a KL term on the reference: the same gradients as taking the reference first.
+    expected = _policy_step(model, kl_to=ref_first)
+    got = _policy_step(model, reference)
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_body_raising_still_restores_keyboard_interrupt_included(model):
+    snap = LoraReferenceSnapshot(model)
+    perturb(model, seed=7)
+    before = fingerprint(model)
+    for exc in (ValueError("in the body"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with snap:
+                raise exc
+        assert_unchanged(model, before)
+        assert torch.is_grad_enabled() and not snap.active
+
+
+def test_nested_entry_is_refused_and_the_outer_swap_still_restores(model):
+    snap = LoraReferenceSnapshot(model)
+    perturb(model, seed=7)
+    before = fingerprint(model)
+    expected_ref = None
+    with pytest.raises(RuntimeError, match="already entered"):
+        with snap:
+            expected_ref = logits(model)
+            with snap:
+                pass
+    assert expected_ref is not None
+    assert_unchanged(model, before)
+    assert torch.is_grad_enabled()
+
+
+def test_two_snapshots_nest_last_in_first_out(model):
+    live_out = logits(model)
+    first = LoraReferenceSnapshot(model)
+    perturb(model, seed=7)
+    second = LoraReferenceSnapshot(model)
+    perturb(model, seed=8)
+    live = logits(model)
+    with first:
+        with second:
+            second_out = logits(model)
+        torch.testing.assert_close(logits(model), live_out, rtol=0, atol=0)
+    torch.testing.assert_close(logits(model), live, rtol=0, atol=0)
+    assert not torch.equal(second_out, live)
+
+
+def test_snapshot_argument_is_copied_and_checked(model):
+    captured = capture_trainable(model)
+    snap = LoraReferenceSnapshot(model, snapshot=captured)
+    name = next(iter(captured))
+    captured[name].fill_(123.0)  # the caller's dict changes afterwards; the snapshot must not
+    assert not torch.equal(snap.state[name], captured[name])
+    assert snap.report is None and len(snap) == len(captured)
+    assert "tensors=8" in repr(snap) and "active=False" in repr(snap)
+
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=r"Unexpected key\(s\) in snapshot: 'lm_head\.typo'"):
+        LoraReferenceSnapshot(model, snapshot={"lm_head.typo": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"has \(4, 16\) torch.float64, the model has \(4, 16\) torch.float32"):
+        LoraReferenceSnapshot(model, snapshot={name: captured[name].double()})
+    assert_unchanged(model, before)
+
+
+def test_swap_in_is_all_or_nothing(model):
+    before = fingerprint(model)
+    good = capture_trainable(model)
+    first, *_, last = good
+    bad_cases = [
+        ({**good, "nope.weight": torch.zeros(1)}, ValueError, r"Unexpected key\(s\) in state: 'nope\.weight'"),
+        ({**good, last: torch.zeros(3, 3)}, ValueError, r"shape or dtype mismatch for 1 key"),
+        ({**good, last: good[last].half()}, ValueError, r"torch.float16, the model has .* torch.float32"),
+        ({**good, last: "zeros"}, TypeError, r"values must be Tensors; not for key\(s\) '"),
+        ([1, 2], TypeError, r"must be a mapping"),
+    ]
+    for state, error, match in bad_cases:
+        with pytest.raises(error, match=match):
+            swap_in(model, state)
+        assert_unchanged(model, before)
+    with pytest.raises(ValueError, match=r"Unexpected key\(s\) in displaced"):
+        restore(model, {"nope": torch.zeros(1)})
+    assert_unchanged(model, before)
+
+
+class _FailsToMove(torch.Tensor):
+    """A value whose copy to the parameter's device fails, as an out-of-memory would."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            raise RuntimeError("simulated out of memory")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_copy_failing_half_way_changes_nothing(model):
+    before = fingerprint(model)
+    state = capture_trainable(model)
+    last = list(state)[-1]
+    state[last] = state[last].as_subclass(_FailsToMove)
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        swap_in(model, state)
+    assert_unchanged(model, before)
+
+
+def test_offloaded_parameters_are_named_before_anything_changes():
+    model = peft_model("linear", seed=2)
+    snap_state = capture_trainable(model)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    before = fingerprint(model)
+    match = r"'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.default\.weight'.* on the 'meta' device"
+    with pytest.raises(ValueError, match=match):
+        capture_trainable(model)
+    with pytest.raises(ValueError, match=match):
+        LoraReferenceSnapshot(model, snapshot=snap_state)
+    with pytest.raises(ValueError, match=match):
+        swap_in(model, snap_state)
+    assert_unchanged(model, before)
+
+
+def test_a_snapshot_works_for_a_bfloat16_model():
+    model = peft_model("linear", seed=2).to(torch.bfloat16)
+    expected_ref = logits(model)
+    snap = LoraReferenceSnapshot(model)
+    assert all(t.dtype == torch.bfloat16 for t in snap.state.values())
+    perturb(model, seed=7)
+    with snap:
+        torch.testing.assert_close(logits(model), expected_ref, rtol=0, atol=0)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none here")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_model_with_a_pinned_cpu_snapshot():
+    model = peft_model("linear", seed=2).cuda()
+    expected_ref = logits(model)
+    snap = LoraReferenceSnapshot(model)
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in snap.state.values())
+    perturb(model, seed=7)
+    expected_live = logits(model)
+    before = fingerprint(model)
+    with snap:
+        torch.testing.assert_close(logits(model), expected_ref, rtol=0, atol=0)
+    torch.testing.assert_close(logits(model), expected_live, rtol=0, atol=0)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_gradients_exact_with_a_reference_forward_between():
+    model = peft_model("linear", seed=2).cuda()
+    snap = LoraReferenceSnapshot(model)
+    perturb(model, seed=7)
+    tokens = TOKENS.cuda()
+    grads = []
+    for with_ref in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = model(tokens).logits
+        if with_ref:
+            with snap:
+                model(tokens)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), tokens.reshape(-1)).backward()
+        grads.append([p.grad.clone() for p in _trainable(model)])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
