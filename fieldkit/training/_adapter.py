@@ -36,6 +36,10 @@ class LoadReport:
         skipped: file keys with no trainable live parameter (frozen base weights peft saved,
             e.g. ``embed_tokens.base_layer.weight``; other adapters; typos).
         missing: trainable live parameter names the file has no value for.
+
+    >>> print(LoadReport("sft/adapter_model.safetensors", loaded=("a", "b"),
+    ...                  skipped=("embed_tokens.base_layer.weight",), missing=()))
+    2 loaded from sft/adapter_model.safetensors; 1 file key(s) skipped: 'embed_tokens.base_layer.weight'
     """
 
     path: str

@@ -1,0 +1,71 @@
+"""Importing costs nothing; a missing dependency is one clear ImportError."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_import_does_not_import_torch():
+    done = _run(
+        """
+        import sys, fieldkit.training as t
+        assert "torch" not in sys.modules, "torch imported"
+        assert "capture_trainable" in dir(t) and "LoraReferenceSnapshot" in t.__all__
+        print("ok")
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["LoraReferenceSnapshot", "WeightDeltaTracker", "capture_trainable", "swap_in", "weight_delta"],
+)
+def test_missing_torch_is_a_clear_import_error(name):
+    done = _run(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # as if torch were not installed
+        try:
+            from fieldkit.training import {name}
+        except ImportError as e:
+            print(e)
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"fieldkit.training.{name} needs PyTorch" in done.stdout
+    assert "pip install torch" in done.stdout
+
+
+def test_missing_safetensors_is_a_clear_import_error_in_from_disk():
+    done = _run(
+        """
+        import sys
+        import torch
+        sys.modules["safetensors"] = None  # as if safetensors were not installed
+        from fieldkit.training import LoraReferenceSnapshot
+        try:
+            LoraReferenceSnapshot.from_disk(torch.nn.Linear(1, 1), "adapter")
+        except ImportError as e:
+            print(e)
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "load_adapter_dict needs safetensors" in done.stdout
+    assert "pip install safetensors" in done.stdout
+
+
+def test_unknown_name_is_an_attribute_error():
+    import fieldkit.training
+
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        fieldkit.training.nope  # noqa: B018

@@ -1,0 +1,71 @@
+"""WeightDeltaTracker and weight_delta on real training steps."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TOKENS, peft_model
+
+from fieldkit.training import WeightDeltaTracker, capture_trainable, weight_delta
+
+
+def _train(model, steps, lr):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        out = model(TOKENS).logits
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), TOKENS.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_delta_after_training_matches_a_hand_computation():
+    model = peft_model("linear", seed=2).train()
+    before = {n: p.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tracker = WeightDeltaTracker(model)
+    assert tracker.delta() == (0.0, 0.0)
+    _train(model, steps=2, lr=1e-2)
+    l2, max_abs = tracker.delta()
+    diffs = [p.detach().double() - before[n] for n, p in model.named_parameters() if n in before]
+    assert l2 > 0 and max_abs > 0
+    assert math.isclose(l2, math.sqrt(sum(float((d * d).sum()) for d in diffs)), rel_tol=1e-6)
+    assert math.isclose(max_abs, max(float(d.abs().max()) for d in diffs), rel_tol=1e-6)
+    assert len(tracker) == len(before) == 8
+    assert repr(tracker).startswith("WeightDeltaTracker(tensors=8")
+
+
+def test_zero_learning_rate_moves_nothing():
+    model = peft_model("linear", seed=2).train()
+    tracker = WeightDeltaTracker(model)
+    _train(model, steps=1, lr=0.0)
+    assert tracker.delta() == (0.0, 0.0)
+
+
+def test_nothing_trainable_gives_zero_and_late_trainables_are_ignored():
+    model = peft_model("linear", seed=2)
+    model.requires_grad_(False)
+    tracker = WeightDeltaTracker(model)
+    assert len(tracker) == 0 and tracker.delta() == (0.0, 0.0)
+    model.requires_grad_(True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert tracker.delta() == (0.0, 0.0)
+
+
+def test_bfloat16_deltas_accumulate_in_float32_or_wider():
+    # 4096 differences of 2**-9 each: a bfloat16 running sum of squares would stall long before
+    # the true total; the exact answer is sqrt(4096) * 2**-9 = 0.125.
+    before = {"w": torch.ones(64, 64, dtype=torch.bfloat16)}
+    after = {"w": torch.full((64, 64), 1 + 2**-7, dtype=torch.bfloat16)}
+    l2, max_abs = weight_delta(before, after)
+    assert (l2, max_abs) == (64 * 2**-7, 2**-7)
+
+
+def test_live_model_is_measured_without_a_copy_and_shape_mismatch_is_named():
+    model = peft_model("linear", seed=2)
+    state = capture_trainable(model)
+    assert weight_delta(state, dict(model.named_parameters())) == (0.0, 0.0)
+    name = next(iter(state))
+    with pytest.raises(ValueError, match=rf"'{name}': before \(2, 2\), after \(4, 16\)"):
+        weight_delta({name: torch.zeros(2, 2)}, dict(model.named_parameters()))
