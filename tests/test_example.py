@@ -1,0 +1,35 @@
+"""The README's demo runs end to end (a short run keeps it from rotting)."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_reference_kl_loop_runs():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "reference_kl_loop.py"), "--steps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert any("KL(pol||ref)" in line for line in lines)
+    rows = [line.split() for line in lines if line[:4].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2]
+    assert float(rows[0][2]) == 0.0  # step 0: the reference is the starting adapter
+    assert all(float(r[4]) > 0 for r in rows)  # and every step moved the weights
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [line for line in ci.splitlines() if line.startswith("python3 -m venv")]
+    assert commands, ".ci/run has no README command"
+    for command in commands:
+        assert command in readme, f"{command!r} is not in README.md"
