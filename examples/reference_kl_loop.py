@@ -23,7 +23,6 @@ import time
 
 import peft
 import torch
-import torch.nn.functional as F
 import transformers
 
 from fieldkit.training import LoraReferenceSnapshot, WeightDeltaTracker

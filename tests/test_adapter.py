@@ -126,14 +126,18 @@ def test_bad_safetensors_file_names_the_path(tmp_path, live, damage):
     _save(tmp_path, "linear")
     path = tmp_path / "adapter_model.safetensors"
     raw = path.read_bytes()
-    path.write_bytes({"truncated": raw[: len(raw) // 2], "garbage": b"not a file" * 9, "empty": b""}[damage])
+    path.write_bytes(
+        {"truncated": raw[: len(raw) // 2], "garbage": b"not a file" * 9, "empty": b""}[damage]
+    )
     _fails(live, tmp_path, ValueError, rf"cannot read '{path}' as safetensors")
 
 
 def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path, live):
     _save(tmp_path, "linear", r=8)
     os.remove(tmp_path / "adapter_config.json")  # else the config check speaks first
-    _fails(live, tmp_path, ValueError, r"shape mismatch.*q_proj\.lora_A\.weight.*\(8, 16\).*\(4, 16\)")
+    _fails(
+        live, tmp_path, ValueError, r"shape mismatch.*q_proj\.lora_A\.weight.*\(8, 16\).*\(4, 16\)"
+    )
 
 
 def test_config_mismatch_is_an_error(tmp_path, live):

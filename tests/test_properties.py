@@ -40,7 +40,12 @@ def test_capture_trainable_copies_exactly_the_trainable_parameters(data):
     assert captured.keys() == trainable.keys()
     for name, p in trainable.items():
         c = captured[name]
-        assert (c.device.type, c.dtype, c.shape, c.requires_grad) == ("cpu", p.dtype, p.shape, False)
+        assert (c.device.type, c.dtype, c.shape, c.requires_grad) == (
+            "cpu",
+            p.dtype,
+            p.shape,
+            False,
+        )
         assert torch.equal(bits(c), bits(p))
         if p.numel():
             assert c.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()

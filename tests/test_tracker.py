@@ -21,7 +21,9 @@ def _train(model, steps, lr):
 
 def test_delta_after_training_matches_a_hand_computation():
     model = peft_model("linear", seed=2).train()
-    before = {n: p.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad}
+    before = {
+        n: p.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad
+    }
     tracker = WeightDeltaTracker(model)
     assert tracker.delta() == (0.0, 0.0)
     _train(model, steps=2, lr=1e-2)

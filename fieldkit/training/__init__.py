@@ -14,11 +14,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ._adapter import LoadReport, load_adapter_dict
-    from ._snapshot import LoraReferenceSnapshot
-    from ._state import StateDict, capture_trainable, restore, swap_in, weight_delta
-    from ._tracker import WeightDeltaTracker
+if TYPE_CHECKING:  # explicit re-exports for editors and type checkers
+    from ._adapter import LoadReport as LoadReport
+    from ._adapter import load_adapter_dict as load_adapter_dict
+    from ._snapshot import LoraReferenceSnapshot as LoraReferenceSnapshot
+    from ._state import StateDict as StateDict
+    from ._state import capture_trainable as capture_trainable
+    from ._state import restore as restore
+    from ._state import swap_in as swap_in
+    from ._state import weight_delta as weight_delta
+    from ._tracker import WeightDeltaTracker as WeightDeltaTracker
 
 _EXPORTS = {
     "StateDict": "_state",

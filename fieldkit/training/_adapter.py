@@ -37,9 +37,9 @@ class LoadReport:
             e.g. ``embed_tokens.base_layer.weight``; other adapters; typos).
         missing: trainable live parameter names the file has no value for.
 
-    >>> print(LoadReport("sft/adapter_model.safetensors", loaded=("a", "b"),
-    ...                  skipped=("embed_tokens.base_layer.weight",), missing=()))
-    2 loaded from sft/adapter_model.safetensors; 1 file key(s) skipped: 'embed_tokens.base_layer.weight'
+    >>> print(LoadReport("sft/adapter.safetensors", loaded=("a", "b"),
+    ...                  skipped=("embed.base_layer.weight",), missing=()))
+    2 loaded from sft/adapter.safetensors; 1 file key(s) skipped: 'embed.base_layer.weight'
     """
 
     path: str
@@ -52,7 +52,9 @@ class LoadReport:
         if self.skipped:
             text += f"; {len(self.skipped)} file key(s) skipped: {_keys(self.skipped, 4)}"
         if self.missing:
-            text += f"; {len(self.missing)} trainable parameter(s) missing: {_keys(self.missing, 4)}"
+            text += (
+                f"; {len(self.missing)} trainable parameter(s) missing: {_keys(self.missing, 4)}"
+            )
         return text
 
 

@@ -85,7 +85,9 @@ def capture_trainable(model: nn.Module, /) -> StateDict:
 def _bind(fn: str, model: nn.Module, state: Mapping[str, torch.Tensor], arg: str):
     """Check ``state`` against ``model`` completely and pair each value with its parameter."""
     if not isinstance(state, Mapping):
-        raise TypeError(f"{fn}: {arg} must be a mapping of name -> Tensor, got {type(state).__name__}")
+        raise TypeError(
+            f"{fn}: {arg} must be a mapping of name -> Tensor, got {type(state).__name__}"
+        )
     params = dict(model.named_parameters())
     unexpected = [k for k in state if k not in params]
     if unexpected:
