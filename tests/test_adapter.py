@@ -44,6 +44,19 @@ def test_from_disk_reproduces_peft_from_pretrained(tmp_path, variant):
     assert_unchanged(live, before)
 
 
+def test_from_disk_leaves_train_mode_flags_and_the_device_alone(tmp_path):
+    _save(tmp_path, "linear")
+    live = peft_model("linear", seed=2).train()
+    flags = {n: p.requires_grad for n, p in live.named_parameters()}
+    snap = LoraReferenceSnapshot.from_disk(live, tmp_path)
+    with snap:
+        assert all(m.training for m in live.modules())  # peft's load_adapter would eval()
+    assert all(m.training for m in live.modules())
+    assert flags == {n: p.requires_grad for n, p in live.named_parameters()}
+    assert list(live.peft_config) == ["default"]  # no second adapter
+    assert all(t.device.type == "cpu" for t in snap.state.values())
+
+
 def test_embedding_base_layer_saved_by_peft_is_skipped_and_reported(tmp_path):
     _save(tmp_path, "embedding")
     state, report = load_adapter_dict(peft_model("embedding", seed=2), tmp_path)

@@ -6,9 +6,15 @@ import torch
 from helpers import assert_unchanged, bits, fingerprint
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import module_trees, state_pairs, states_for
+from strategies import module_trees, state_pairs, states_for, tensors
 
-from fieldkit.training import capture_trainable, restore, swap_in, weight_delta
+from fieldkit.training import (
+    LoraReferenceSnapshot,
+    capture_trainable,
+    restore,
+    swap_in,
+    weight_delta,
+)
 
 
 @given(st.data())
@@ -99,3 +105,19 @@ def test_weight_delta_counts_only_names_found_in_after(pair, dropped):
     got = weight_delta(before, kept)
     assert math.isclose(got[0], expected[0], rel_tol=1e-6, abs_tol=1e-30)
     assert math.isclose(got[1], expected[1], rel_tol=1e-6, abs_tol=1e-30)
+
+
+@given(st.data())
+def test_snapshot_class_round_trip_over_random_trees(data):
+    model = data.draw(module_trees())
+    snap = LoraReferenceSnapshot(model)
+    with torch.no_grad():  # "training" moves every trainable tensor
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(data.draw(tensors(shape=p.shape, dtype=p.dtype)))
+    before = fingerprint(model)
+    with snap:
+        params = dict(model.named_parameters())
+        for name, value in snap.state.items():
+            assert torch.equal(bits(params[name]), bits(value))
+    assert_unchanged(model, before)
