@@ -113,12 +113,11 @@ def _check_config(path: str, live_config, adapter_name: str) -> None:
 
 
 def _plain(value):
-    """JSON's view of a config value (enums to strings, tuples and sets to sorted lists)."""
+    """JSON's view of a config value: enums as their values, tuples as lists."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        items = [_plain(v) for v in value]
-        return sorted(items, key=repr) if isinstance(value, set) else items
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     return getattr(value, "value", value)
 
 
