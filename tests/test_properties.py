@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from helpers import assert_unchanged, bits, fingerprint
 from hypothesis import given
@@ -120,4 +121,29 @@ def test_snapshot_class_round_trip_over_random_trees(data):
         params = dict(model.named_parameters())
         for name, value in snap.state.items():
             assert torch.equal(bits(params[name]), bits(value))
+    assert_unchanged(model, before)
+
+
+@given(st.data())
+def test_a_bad_entry_anywhere_changes_nothing(data):
+    model = data.draw(module_trees())
+    state = data.draw(states_for(model))
+    bad = data.draw(
+        st.sampled_from(
+            ["unknown name", "wrong shape", "wrong dtype"] if state else ["unknown name"]
+        )
+    )
+    if bad == "unknown name":
+        state["not.a.parameter"] = torch.zeros(1)
+    else:
+        name = data.draw(st.sampled_from(sorted(state)))
+        value = state[name]
+        state[name] = (
+            torch.zeros((*value.shape, 2), dtype=value.dtype)
+            if bad == "wrong shape"
+            else value.to(torch.float64 if value.dtype != torch.float64 else torch.float32)
+        )
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="Nothing was changed"):
+        swap_in(model, state)
     assert_unchanged(model, before)
