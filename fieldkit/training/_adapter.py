@@ -170,8 +170,8 @@ def load_adapter_dict(
         FileNotFoundError: no such directory or weights file.
         ValueError: the file is not valid safetensors (the message names the path), a shape
             mismatch (naming the key and both shapes), a config mismatch, an unknown
-            ``adapter_name``, nothing matched, or
-            with ``strict=True`` anything skipped or missing.
+            ``adapter_name``, nothing matched, or with ``strict=True`` anything skipped or
+            missing.
         TypeError: ``model`` is not a ``peft.PeftModel``.
         ImportError: safetensors or peft is not installed.
 
@@ -212,11 +212,9 @@ def load_adapter_dict(
 
     with _reading(fn, path):
         with safe_open(path, framework="pt", device="cpu") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in sorted(f.keys())}
     wanted = {
-        k: live_name[k]
-        for k in sorted(shapes)
-        if k in live_name and params[live_name[k]].requires_grad
+        k: live_name[k] for k in shapes if k in live_name and params[live_name[k]].requires_grad
     }
     mismatched = [
         f"{k!r} (live {n!r}): file {shapes[k]}, live {tuple(params[n].shape)}"
@@ -228,7 +226,7 @@ def load_adapter_dict(
             f"{fn}: shape mismatch between {path!r} and the live adapter {adapter_name!r}: "
             + "; ".join(mismatched[:8])
         )
-    skipped = tuple(k for k in sorted(shapes) if k not in wanted)
+    skipped = tuple(k for k in shapes if k not in wanted)
     loaded = set(wanted.values())
     missing = tuple(sorted(n for n, p in params.items() if p.requires_grad and n not in loaded))
     if not wanted:
