@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ._state import StateDict, _host_copy, _keys
+from ._state import StateDict, _first, _host_copy, _keys
 
 # Config fields that change what the adapter's tensors compute: if the file and the live
 # adapter disagree on one, swapping the tensors cannot reproduce the saved adapter.
@@ -224,7 +224,7 @@ def load_adapter_dict(
     if mismatched:
         raise ValueError(
             f"{fn}: shape mismatch between {path!r} and the live adapter {adapter_name!r}: "
-            + "; ".join(mismatched[:8])
+            + _first(mismatched, sep="; ")
         )
     skipped = tuple(k for k in shapes if k not in wanted)
     loaded = set(wanted.values())

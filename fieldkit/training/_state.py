@@ -12,10 +12,14 @@ StateDict = dict[str, torch.Tensor]
 """A plain state dict: parameter name (as ``named_parameters()`` spells it) to tensor."""
 
 
+def _first(items: list[str], limit: int = 8, sep: str = ", ") -> str:
+    """The first ``limit`` items joined, and how many more were cut."""
+    shown = sep.join(items[:limit])
+    return shown + (f"{sep}... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
 def _keys(names: Iterable[str], limit: int = 8) -> str:
-    names = sorted(names)
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
+    return _first([repr(n) for n in sorted(names)], limit)
 
 
 def _unusable(param: torch.Tensor) -> str | None:
@@ -108,8 +112,7 @@ def _bind(fn: str, model: nn.Module, state: Mapping[str, torch.Tensor], arg: str
     if mismatched:
         raise ValueError(
             f"{fn}: shape or dtype mismatch for {len(mismatched)} key(s): "
-            + "; ".join(mismatched[:8])
-            + (" ..." if len(mismatched) > 8 else "")
+            + _first(mismatched, sep="; ")
             + ". Nothing was changed."
         )
     bound = [(k, params[k], v) for k, v in state.items()]
@@ -230,7 +233,7 @@ def weight_delta(
         if b.shape != a.shape
     ]
     if bad_shapes:
-        raise ValueError("weight_delta: shape mismatch for " + "; ".join(bad_shapes[:8]))
+        raise ValueError("weight_delta: shape mismatch for " + _first(bad_shapes, sep="; "))
     meta = [k for k, b, a in pairs if b.is_meta or a.is_meta]
     if meta:
         raise ValueError(f"weight_delta: no values to compare ('meta' tensors) for {_keys(meta)}")
