@@ -74,16 +74,18 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def fingerprint(model: torch.nn.Module) -> dict:
     return {
-        n: (p, bits(p).clone(), p.requires_grad, p.dtype, p.device)
+        n: (p, bits(p).clone(), p.requires_grad, p.dtype, p.device, p.data_ptr())
         for n, p in model.named_parameters()
     }
 
 
 def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
-    """Every parameter is the same object as before, with the same bits, flag, dtype, device."""
+    """Every parameter is the same object as before, with the same storage, bits, flag, dtype
+    and device."""
     now = dict(model.named_parameters())
     assert now.keys() == before.keys()
-    for name, (param, raw, requires_grad, dtype, device) in before.items():
+    for name, (param, raw, requires_grad, dtype, device, ptr) in before.items():
         assert now[name] is param, f"{name}: parameter object replaced"
+        assert param.data_ptr() == ptr, f"{name}: storage replaced"
         assert (param.requires_grad, param.dtype, param.device) == (requires_grad, dtype, device)
         assert torch.equal(bits(param), raw), f"{name}: value changed"

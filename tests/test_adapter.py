@@ -26,7 +26,7 @@ def _peft_reference_logits(path, variant, adapter_name="default"):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_from_disk_reproduces_peft_from_pretrained(tmp_path, variant):
+def test_from_disk_reproduces_peft_from_pretrained(tmp_path, variant, mode):
     _save(tmp_path, variant)
     expected_ref = _peft_reference_logits(tmp_path, variant)
     live = peft_model(variant, seed=2)
@@ -34,7 +34,8 @@ def test_from_disk_reproduces_peft_from_pretrained(tmp_path, variant):
     assert not torch.allclose(expected_ref, expected_live)  # the two adapters differ
     before = fingerprint(live)
 
-    snap = LoraReferenceSnapshot.from_disk(live, tmp_path)
+    snap = LoraReferenceSnapshot.from_disk(live, tmp_path, mode=mode)
+    assert snap.mode == mode
 
     assert snap.report.missing == ()
     assert set(snap.report.loaded) == {n for n, p in live.named_parameters() if p.requires_grad}

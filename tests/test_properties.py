@@ -11,21 +11,25 @@ from strategies import module_trees, state_pairs, states_for, tensors
 
 from fieldkit.training import (
     LoraReferenceSnapshot,
+    _state,
     capture_trainable,
     restore,
     swap_in,
     weight_delta,
 )
 
+MODES = st.sampled_from(["pointer", "copy"])
 
-@given(st.data())
-def test_swap_in_sets_values_and_restore_is_bit_exact(data):
+
+@given(st.data(), MODES)
+def test_swap_in_sets_values_and_restore_is_bit_exact(data, mode):
     model = data.draw(module_trees())
     state = data.draw(states_for(model))
     before = fingerprint(model)
     grad_mode = torch.is_grad_enabled()
 
-    displaced = swap_in(model, state)
+    displaced = swap_in(model, state, mode=mode)
+    assert displaced.mode == mode
 
     params = dict(model.named_parameters())
     for name, value in state.items():
@@ -76,6 +80,38 @@ def test_weight_delta_equals_a_float64_computation(pair):
     assert math.isclose(max_abs, ref_max, rel_tol=1e-6, abs_tol=1e-30)
 
 
+@given(state_pairs(), st.integers(1, 40), st.booleans())
+def test_weight_delta_in_small_runs_and_packed_equals_a_float64_computation(pair, chunk, packed):
+    """Runs of several tensors, tensors bigger than a run, and ``before`` packed back to back in
+    one buffer (as the tracker keeps it) or not: the same figures."""
+    before, after = pair
+    if packed and before:
+        flat = torch.cat([b.reshape(-1).double() for b in before.values()])
+        views = torch.split(flat, [b.numel() for b in before.values()])
+        before = {k: v.view(b.shape) for (k, b), v in zip(before.items(), views, strict=True)}
+        after = {k: a.double() for k, a in after.items()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_state, "CHUNK", chunk)
+        l2, max_abs = weight_delta(before, after)
+    ref_l2, ref_max = _float64_delta(before, after)
+    assert math.isclose(l2, ref_l2, rel_tol=1e-6, abs_tol=1e-30)
+    assert math.isclose(max_abs, ref_max, rel_tol=1e-6, abs_tol=1e-30)
+
+
+@given(st.sampled_from([1e-30, 1e-20, 1e20, 1e30]), st.integers(1, 3000))
+def test_weight_delta_survives_float32_overflow_and_underflow(scale, n):
+    before = {"w": torch.zeros(n)}
+    after = {"w": torch.full((n,), scale)}
+    l2, max_abs = weight_delta(before, after)
+    assert math.isclose(l2, math.sqrt(n) * float(torch.tensor(scale)), rel_tol=1e-6)
+    assert max_abs == float(torch.tensor(scale))
+
+
+def test_weight_delta_with_nan_is_nan():
+    l2, max_abs = weight_delta({"w": torch.zeros(3)}, {"w": torch.tensor([1.0, math.nan, 2.0])})
+    assert math.isnan(l2) and math.isnan(max_abs)
+
+
 @given(state_pairs())
 def test_weight_delta_of_identical_states_is_zero(pair):
     before, _ = pair
@@ -108,10 +144,10 @@ def test_weight_delta_counts_only_names_found_in_after(pair, dropped):
     assert math.isclose(got[1], expected[1], rel_tol=1e-6, abs_tol=1e-30)
 
 
-@given(st.data())
-def test_snapshot_class_round_trip_over_random_trees(data):
+@given(st.data(), MODES)
+def test_snapshot_class_round_trip_over_random_trees(data, mode):
     model = data.draw(module_trees())
-    snap = LoraReferenceSnapshot(model)
+    snap = LoraReferenceSnapshot(model, mode=mode)
     with torch.no_grad():  # "training" moves every trainable tensor
         for p in model.parameters():
             if p.requires_grad:
@@ -124,8 +160,8 @@ def test_snapshot_class_round_trip_over_random_trees(data):
     assert_unchanged(model, before)
 
 
-@given(st.data())
-def test_a_bad_entry_anywhere_changes_nothing(data):
+@given(st.data(), MODES)
+def test_a_bad_entry_anywhere_changes_nothing(data, mode):
     model = data.draw(module_trees())
     state = data.draw(states_for(model))
     bad = data.draw(
@@ -145,5 +181,5 @@ def test_a_bad_entry_anywhere_changes_nothing(data):
         )
     before = fingerprint(model)
     with pytest.raises(ValueError, match="Nothing was changed"):
-        swap_in(model, state)
+        swap_in(model, state, mode=mode)
     assert_unchanged(model, before)

@@ -18,9 +18,9 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def test_online_snapshot_gives_the_policy_as_it_was(model):
+def test_online_snapshot_gives_the_policy_as_it_was(model, mode):
     expected_ref = logits(model)
-    snap = LoraReferenceSnapshot(model)
+    snap = LoraReferenceSnapshot(model, mode=mode)
     perturb(model, seed=7)  # stands for optimizer steps
     expected_live = logits(model)
     before = fingerprint(model)
@@ -35,8 +35,8 @@ def test_online_snapshot_gives_the_policy_as_it_was(model):
     assert_unchanged(model, before)
 
 
-def test_snapshot_is_reusable_and_leaves_modes_and_flags_alone(model):
-    snap = LoraReferenceSnapshot(model)
+def test_snapshot_is_reusable_and_leaves_modes_and_flags_alone(model, mode):
+    snap = LoraReferenceSnapshot(model, mode=mode)
     perturb(model, seed=7)
     model.train()
     modes = {n: m.training for n, m in model.named_modules()}
@@ -63,8 +63,8 @@ def _policy_step(model, reference=None, *, kl_to=None, use_kl=True):
     return [p.grad.clone() for p in _trainable(model)]
 
 
-def test_reference_forward_between_policy_forward_and_backward_keeps_gradients_exact(model):
-    snap = LoraReferenceSnapshot(model)
+def test_reference_forward_between_policy_forward_and_backward_keeps_gradients_exact(model, mode):
+    snap = LoraReferenceSnapshot(model, mode=mode)
     perturb(model, seed=7)
 
     def reference():
@@ -86,8 +86,8 @@ def test_reference_forward_between_policy_forward_and_backward_keeps_gradients_e
         assert torch.equal(a, b)
 
 
-def test_body_raising_still_restores_keyboard_interrupt_included(model):
-    snap = LoraReferenceSnapshot(model)
+def test_body_raising_still_restores_keyboard_interrupt_included(model, mode):
+    snap = LoraReferenceSnapshot(model, mode=mode)
     perturb(model, seed=7)
     before = fingerprint(model)
     for exc in (ValueError("in the body"), KeyboardInterrupt()):
@@ -98,8 +98,8 @@ def test_body_raising_still_restores_keyboard_interrupt_included(model):
         assert torch.is_grad_enabled() and not snap.active
 
 
-def test_nested_entry_is_refused_and_the_outer_swap_still_restores(model):
-    snap = LoraReferenceSnapshot(model)
+def test_nested_entry_is_refused_and_the_outer_swap_still_restores(model, mode):
+    snap = LoraReferenceSnapshot(model, mode=mode)
     perturb(model, seed=7)
     before = fingerprint(model)
     expected_ref = None
@@ -113,19 +113,22 @@ def test_nested_entry_is_refused_and_the_outer_swap_still_restores(model):
     assert torch.is_grad_enabled()
 
 
-def test_two_snapshots_nest_last_in_first_out(model):
+@pytest.mark.parametrize("outer", ["pointer", "copy"])
+def test_two_snapshots_nest_last_in_first_out(model, mode, outer):
     live_out = logits(model)
-    first = LoraReferenceSnapshot(model)
+    first = LoraReferenceSnapshot(model, mode=outer)
     perturb(model, seed=7)
-    second = LoraReferenceSnapshot(model)
+    second = LoraReferenceSnapshot(model, mode=mode)
     perturb(model, seed=8)
     live = logits(model)
+    before = fingerprint(model)
     with first:
         with second:
             second_out = logits(model)
         torch.testing.assert_close(logits(model), live_out, rtol=0, atol=0)
     torch.testing.assert_close(logits(model), live, rtol=0, atol=0)
     assert not torch.equal(second_out, live)
+    assert_unchanged(model, before)
 
 
 def test_snapshot_argument_is_copied_and_checked(model):
@@ -175,24 +178,97 @@ def test_swap_in_is_all_or_nothing(model):
     assert_unchanged(model, before)
 
 
-class _FailsToMove(torch.Tensor):
-    """A value whose copy to the parameter's device fails, as an out-of-memory would."""
+class _Brittle(torch.nn.Parameter):
+    """A parameter whose ``.data`` cannot be re-pointed, as a failing assignment would."""
 
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.to:
-            raise RuntimeError("simulated out of memory")
-        return super().__torch_function__(func, types, args, kwargs or {})
+    @property
+    def data(self):
+        return torch.Tensor.data.__get__(self)
+
+    @data.setter
+    def data(self, value):
+        raise RuntimeError("simulated failure half way")
 
 
-def test_a_copy_failing_half_way_changes_nothing(model):
+def test_a_pointer_swap_failing_half_way_changes_nothing(model):
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    *path, leaf = names[-1].split(".")
+    owner = model.get_submodule(".".join(path))
+    owner._parameters[leaf] = _Brittle(owner._parameters[leaf].detach().clone())
+    state = {n: torch.zeros_like(v) for n, v in capture_trainable(model).items()}
     before = fingerprint(model)
-    state = capture_trainable(model)
-    last = list(state)[-1]
-    state[last] = state[last].as_subclass(_FailsToMove)
-    with pytest.raises(RuntimeError, match="simulated out of memory"):
+    with pytest.raises(RuntimeError, match="simulated failure half way"):
         swap_in(model, state)
     assert_unchanged(model, before)
+    snap = LoraReferenceSnapshot(model, snapshot=state)
+    with pytest.raises(RuntimeError, match="simulated failure half way"):
+        with snap:
+            pass
+    assert_unchanged(model, before)
+    assert not snap.active and torch.is_grad_enabled()
+
+
+def test_a_copy_swap_failing_half_way_changes_nothing(model, monkeypatch):
+    state = {n: torch.zeros_like(v) for n, v in capture_trainable(model).items()}
+    snap = LoraReferenceSnapshot(model, snapshot=state, mode="copy")
+    real_copy = torch._foreach_copy_
+    calls = []
+
+    def copy_half_then_fail(dst, src, **kwargs):
+        calls.append(len(dst))
+        if len(calls) == 2:  # the first call saves the live values; the second loads the ref
+            real_copy(dst[: len(dst) // 2], src[: len(src) // 2])
+            raise RuntimeError("simulated failure half way")
+        return real_copy(dst, src, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", copy_half_then_fail)
+    before = fingerprint(model)
+    with pytest.raises(RuntimeError, match="simulated failure half way"):
+        swap_in(model, state, mode="copy")
+    assert_unchanged(model, before)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="simulated failure half way"):
+        with snap:
+            pass
+    assert_unchanged(model, before)
+    assert not snap.active and torch.is_grad_enabled()
+
+
+def test_copy_mode_keeps_parameter_storage_and_pointer_mode_reads_the_snapshot(model):
+    perturb(model, seed=7)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    copy, pointer = (LoraReferenceSnapshot(model, mode=m) for m in ("copy", "pointer"))
+    with copy:
+        assert [p.data_ptr() for p in model.parameters()] == ptrs
+    with pointer:
+        live = {p.data_ptr() for p in model.parameters() if p.requires_grad}
+        assert live == {t.data_ptr() for t in pointer.state.values()}
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert "mode='copy'" in repr(copy)
+    with pytest.raises(ValueError, match=r"mode must be one of \('pointer', 'copy'\)"):
+        LoraReferenceSnapshot(model, mode="inplace")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        swap_in(model, capture_trainable(model), mode="fast")
+
+
+def test_a_snapshot_follows_a_replaced_module_and_refuses_a_changed_dtype(model, mode):
+    snap = LoraReferenceSnapshot(model, mode=mode)
+    expected_ref = logits(model)
+    # Replace one LoRA factor by a new module (new parameter objects), as user code might.
+    name = next(n for n in snap.state if n.endswith("lora_A.default.weight"))
+    owner = model.get_submodule(name.rsplit(".", 2)[0])
+    fresh = torch.nn.Linear(owner["default"].in_features, owner["default"].out_features, bias=False)
+    owner["default"] = fresh
+    perturb(model, seed=7)
+    before = fingerprint(model)
+    with snap:  # the snapshot binds to the new parameter, not the orphaned one
+        torch.testing.assert_close(logits(model), expected_ref, rtol=0, atol=0)
+    assert_unchanged(model, before)
+    model.to(torch.float64)
+    with pytest.raises(ValueError, match="has .* torch.float32, the model has .* torch.float64"):
+        with snap:
+            pass
+    assert not snap.active and torch.is_grad_enabled()
 
 
 def test_offloaded_parameters_are_named_before_anything_changes():
@@ -211,10 +287,10 @@ def test_offloaded_parameters_are_named_before_anything_changes():
     assert_unchanged(model, before)
 
 
-def test_a_snapshot_works_for_a_bfloat16_model():
+def test_a_snapshot_works_for_a_bfloat16_model(mode):
     model = peft_model("linear", seed=2).to(torch.bfloat16)
     expected_ref = logits(model)
-    snap = LoraReferenceSnapshot(model)
+    snap = LoraReferenceSnapshot(model, mode=mode)
     assert all(t.dtype == torch.bfloat16 for t in snap.state.values())
     perturb(model, seed=7)
     with snap:
@@ -226,10 +302,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_model_with_a_pinned_cpu_snapshot():
+def test_cuda_model_with_a_pinned_cpu_snapshot(mode):
     model = peft_model("linear", seed=2).cuda()
     expected_ref = logits(model)
-    snap = LoraReferenceSnapshot(model)
+    snap = LoraReferenceSnapshot(model, mode=mode)
     assert all(t.device.type == "cpu" and t.is_pinned() for t in snap.state.values())
     perturb(model, seed=7)
     expected_live = logits(model)
@@ -242,9 +318,9 @@ def test_cuda_model_with_a_pinned_cpu_snapshot():
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_gradients_exact_with_a_reference_forward_between():
+def test_cuda_gradients_exact_with_a_reference_forward_between(mode):
     model = peft_model("linear", seed=2).cuda()
-    snap = LoraReferenceSnapshot(model)
+    snap = LoraReferenceSnapshot(model, mode=mode)
     perturb(model, seed=7)
     tokens = TOKENS.cuda()
     grads = []

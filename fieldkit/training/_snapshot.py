@@ -9,7 +9,18 @@ import torch
 from torch import nn
 
 from ._adapter import LoadReport, load_adapter_dict
-from ._state import StateDict, _bind, _host_copy, capture_trainable, restore, swap_in
+from ._binding import Binding
+from ._state import (
+    Mode,
+    StateDict,
+    _bind,
+    _check_mode,
+    _check_usable,
+    _pack,
+    _swap,
+    _to_devices,
+    _unswap,
+)
 
 
 class LoraReferenceSnapshot:
@@ -28,6 +39,12 @@ class LoraReferenceSnapshot:
         snapshot: ``{name: tensor}`` to use instead of the model's current trainable weights,
             e.g. one snapshot shared by several model instances. It is copied to the CPU; names,
             shapes and dtypes must match parameters of ``model``.
+        mode: how the swap reaches the model. ``"pointer"`` (default): each parameter's
+            ``.data`` is re-pointed at the snapshot — used in place on the CPU, copied to the
+            device in one copy per (device, dtype) — and back on exit; the cheapest swap there
+            is. ``"copy"``: the snapshot is copied into the parameters' own storage, and the
+            live values back on exit (three copies); pick it when something holds on to the
+            parameters' storage (CUDA graphs, ``torch.compile(mode="reduce-overhead")``).
 
     Raises:
         ValueError: unknown names, shape or dtype mismatches in ``snapshot``, or parameters fieldkit
@@ -48,21 +65,43 @@ class LoraReferenceSnapshot:
     2
     """
 
-    def __init__(self, model: nn.Module, *, snapshot: Mapping[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        snapshot: Mapping[str, torch.Tensor] | None = None,
+        mode: Mode = "pointer",
+    ):
         if snapshot is None:
-            state = capture_trainable(model)
-        else:
-            bound = _bind("LoraReferenceSnapshot", model, snapshot, "snapshot")
-            state = {name: _host_copy(value, like=param) for name, param, value in bound}
-        self._setup(model, state, report=None, source="online")
+            snapshot = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            _check_usable("LoraReferenceSnapshot", snapshot.items())
+        self._setup(model, snapshot, mode, report=None, source="online")
 
-    def _setup(self, model: nn.Module, state: StateDict, report: LoadReport | None, source: str):
+    def _setup(
+        self,
+        model: nn.Module,
+        state: Mapping[str, torch.Tensor],
+        mode: Mode,
+        report: LoadReport | None,
+        source: str,
+    ) -> None:
+        _check_mode("LoraReferenceSnapshot", mode)
         self._model = model
-        self._state = state
+        self.mode = mode
         self.report = report
         self._source = source
-        self._displaced: StateDict | None = None
+        self._displaced: list[torch.Tensor] | None = None
         self._no_grad: torch.no_grad | None = None
+        self._take(state)
+
+    def _take(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Check ``state`` against the model in full, then keep it packed on the CPU."""
+        bound = _bind("LoraReferenceSnapshot", self._model, state, "snapshot")
+        names = [name for name, _, _ in bound]
+        params = [param for _, param, _ in bound]
+        self._values = _pack([value for _, _, value in bound], params)
+        self._state = dict(zip(names, self._values, strict=True))
+        self._binding = Binding(self._model, names)
 
     @classmethod
     def from_disk(
@@ -73,12 +112,13 @@ class LoraReferenceSnapshot:
         adapter_name: str = "default",
         weights_filename: str = "adapter_model.safetensors",
         strict: bool = False,
+        mode: Mode = "pointer",
     ) -> LoraReferenceSnapshot:
         """Use an adapter saved by peft's ``save_pretrained`` as the reference.
 
         Reads the file with :func:`load_adapter_dict` (same arguments and errors); the load
         report is kept in ``.report``. File keys without a trainable live parameter are skipped
-        and reported, unless ``strict=True``.
+        and reported, unless ``strict=True``. ``mode`` as in the constructor.
         """
         state, report = load_adapter_dict(
             model,
@@ -87,9 +127,8 @@ class LoraReferenceSnapshot:
             weights_filename=weights_filename,
             strict=strict,
         )
-        _bind("LoraReferenceSnapshot.from_disk", model, state, "snapshot")  # offloaded params
         snap = cls.__new__(cls)
-        snap._setup(model, state, report, source=report.path)
+        snap._setup(model, state, mode, report, source=report.path)
         return snap
 
     @property
@@ -109,10 +148,13 @@ class LoraReferenceSnapshot:
                 "LoraReferenceSnapshot is already entered: one swap at a time per snapshot. "
                 "Leave the outer `with snap:` block first."
             )
+        if not self._binding.current():  # the model changed since: check it all again
+            self._take(self._state)
         no_grad = torch.no_grad()
         no_grad.__enter__()
         try:
-            self._displaced = swap_in(self._model, self._state)
+            params = self._binding.params
+            self._displaced = _swap(params, _to_devices(self._values, params), self.mode)
         except BaseException:
             no_grad.__exit__(None, None, None)
             raise
@@ -121,7 +163,7 @@ class LoraReferenceSnapshot:
 
     def __exit__(self, *exc_info) -> None:
         try:
-            restore(self._model, self._displaced)
+            _unswap(self._binding.params, self._displaced, self.mode)
         finally:
             self._displaced = None
             self._no_grad.__exit__(*exc_info)
@@ -135,5 +177,6 @@ class LoraReferenceSnapshot:
         nbytes = sum(t.numel() * t.element_size() for t in self._state.values())
         return (
             f"LoraReferenceSnapshot(source={self._source!r}, tensors={len(self)}, "
-            f"params={numel:,}, bytes={nbytes / 2**20:.2f} MiB, active={self.active})"
+            f"params={numel:,}, bytes={nbytes / 2**20:.2f} MiB, mode={self.mode!r}, "
+            f"active={self.active})"
         )

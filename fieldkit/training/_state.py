@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Literal
 
 import torch
 from torch import nn
@@ -123,48 +124,172 @@ def _bind(fn: str, model: nn.Module, state: Mapping[str, torch.Tensor], arg: str
     return bound
 
 
-def _assign(fn: str, model: nn.Module, state: Mapping[str, torch.Tensor], arg: str) -> StateDict:
-    bound = _bind(fn, model, state, arg)
-    # Stage every value on its parameter's device before touching the model, so a failed copy
-    # (out of memory, say) leaves the model untouched.
-    staged = [(k, p, v.detach().to(p.device, non_blocking=True)) for k, p, v in bound]
-    displaced: StateDict = {}
-    done: list[tuple[torch.Tensor, torch.Tensor]] = []
+Mode = Literal["pointer", "copy"]
+MODES: tuple[Mode, ...] = ("pointer", "copy")
+
+
+class Displaced(dict):
+    """What :func:`swap_in` returns: ``{name: displaced live value}``, a plain dict that also
+    remembers the ``mode`` of the swap, so that :func:`restore` undoes it the same way."""
+
+    mode: Mode = "pointer"
+
+
+def _check_mode(fn: str, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"{fn}: mode must be one of {MODES}, got {mode!r}")
+
+
+def _span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D view that covers ``tensors`` when they lie back to back, in order, in one
+    storage (as packed by :func:`_pack`); otherwise None."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (
+            t.dtype != first.dtype
+            or t.device != first.device
+            or not t.is_contiguous()
+            or t.storage_offset() != offset
+            or t.untyped_storage().data_ptr() != storage
+        ):
+            return None
+        offset += t.numel()
+    flat = first.new_empty(0)
+    return flat.set_(
+        first.untyped_storage(), first.storage_offset(), (offset - first.storage_offset(),)
+    )
+
+
+def _groups(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped like ``like``, back to back."""
+    views, offset = [], 0
+    for t in like:
+        views.append(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return views
+
+
+def _pack(values: list[torch.Tensor], likes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copy ``values`` to the CPU in ``likes``' dtypes, as views into one contiguous buffer per
+    (device, dtype) of ``likes`` (pinned for CUDA), so each group moves in one copy."""
+    out: list[torch.Tensor] = [None] * len(values)  # type: ignore[list-item]
+    for (device, dtype), idx in _groups(likes).items():
+        flat = torch.empty(
+            sum(likes[i].numel() for i in idx),
+            dtype=dtype,
+            device="cpu",
+            pin_memory=device.type == "cuda",
+        )
+        for i, view in zip(idx, _views(flat, [likes[i] for i in idx]), strict=True):
+            out[i] = view.copy_(values[i].detach())
+    return out
+
+
+def _to_devices(values: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each value on its parameter's device: used in place when already there, otherwise
+    copied (non-blocking from pinned memory), one copy per packed group."""
+    out = list(values)
+    moving = [
+        i for i, (v, p) in enumerate(zip(values, params, strict=True)) if v.device != p.device
+    ]
+    for (device, _), idx in _groups([params[i] for i in moving]).items():
+        idx = [moving[i] for i in idx]
+        group = [values[i] for i in idx]
+        flat = _span(group)
+        if flat is not None:
+            group = _views(flat.to(device, non_blocking=True), group)
+        else:
+            group = [v.to(device, non_blocking=True) for v in group]
+        for i, v in zip(idx, group, strict=True):
+            out[i] = v
+    return out
+
+
+def _swap(params: list[torch.Tensor], values: list[torch.Tensor], mode: Mode) -> list[torch.Tensor]:
+    """Put ``values`` (already on the parameters' devices) into ``params``; all or nothing.
+    Returns what :func:`_unswap` needs to undo it."""
+    datas = [p.data for p in params]
+    if not datas:
+        return []
+    if mode == "copy":
+        # Writes go through `.data`, whose version counter is not the parameter's: a pending
+        # backward stays valid, and sees the original values again after the restore.
+        stash = [None] * len(datas)
+        for (device, dtype), idx in _groups(datas).items():
+            flat = torch.empty(sum(datas[i].numel() for i in idx), dtype=dtype, device=device)
+            for i, view in zip(idx, _views(flat, [datas[i] for i in idx]), strict=True):
+                stash[i] = view
+        torch._foreach_copy_(stash, datas)
+        try:
+            torch._foreach_copy_(datas, values)
+        except BaseException:
+            torch._foreach_copy_(datas, stash)
+            raise
+        return stash
+    done = 0
     try:
-        for name, param, value in staged:
-            displaced[name] = param.data
-            done.append((param, displaced[name]))
+        for param, value in zip(params, values, strict=True):
             # Re-pointing `.data` leaves the parameter object, its requires_grad and its
             # autograd version counter alone, so a pending backward stays valid.
             param.data = value
+            done += 1
     except BaseException:
-        for param, old in reversed(done):
+        for param, old in zip(params[:done], datas[:done], strict=True):
             param.data = old
         raise
-    return displaced
+    return datas
 
 
-def swap_in(model: nn.Module, state: Mapping[str, torch.Tensor], /) -> StateDict:
+def _unswap(params: list[torch.Tensor], displaced: list[torch.Tensor], mode: Mode) -> None:
+    if mode == "copy" and params:
+        torch._foreach_copy_([p.data for p in params], displaced)
+    else:
+        for param, old in zip(params, displaced, strict=True):
+            param.data = old
+
+
+def swap_in(
+    model: nn.Module, state: Mapping[str, torch.Tensor], /, *, mode: Mode = "pointer"
+) -> Displaced:
     """Put ``state``'s values into the live parameters of the same names.
 
-    The swap re-points each parameter's ``.data``: parameter objects, ``requires_grad``, the
-    optimizer's references and the autograd version counters are untouched, so it is safe
-    between a policy forward and its ``backward()`` once :func:`restore` has run. Values already
-    on the parameter's device are used in place (no copy): don't modify ``state`` while swapped
-    in. Values on another device are copied there (non-blocking from pinned memory).
+    Parameter objects, ``requires_grad``, the optimizer's references and the autograd version
+    counters are untouched in either mode, so the swap is safe between a policy forward and its
+    ``backward()`` once :func:`restore` has run.
+
+    - ``mode="pointer"`` (default) re-points each parameter's ``.data`` at the value. Values
+      already on the parameter's device are used in place (no copy): don't modify ``state``
+      while swapped in. Values on another device are copied there first (non-blocking from
+      pinned memory; one copy per group when they are packed back to back, as in
+      :attr:`LoraReferenceSnapshot.state`). :func:`restore` re-attaches the original storage.
+    - ``mode="copy"`` writes the values into the parameters' own storage (saving the live values
+      first), for code that holds on to parameter storage: CUDA graphs, kernels that cache
+      pointers. Three copies per round trip instead of at most one.
 
     Args:
         model: the live model.
         state: name -> tensor, keyed by ``named_parameters()`` names; a subset is fine. Shapes
             and dtypes must equal the live parameters'.
+        mode: ``"pointer"`` or ``"copy"``, as above.
 
     Returns:
-        ``displaced``: the live tensors that were swapped out, for :func:`restore`.
+        ``displaced``: the live values that were swapped out (a dict that remembers ``mode``),
+        for :func:`restore`.
 
     Raises:
         ValueError: unknown names, shape or dtype mismatches, offloaded (``meta``) or sharded
-            parameters. All-or-nothing: everything is checked before anything is written, and
-            after any error the model holds exactly what it held before.
+            parameters, an unknown mode. All-or-nothing: everything is checked before anything
+            is written, and after any error the model holds exactly what it held before.
         TypeError: ``state`` is not a mapping of tensors.
 
     >>> import torch
@@ -177,14 +302,24 @@ def swap_in(model: nn.Module, state: Mapping[str, torch.Tensor], /) -> StateDict
     >>> torch.equal(layer.weight, before)
     True
     """
-    return _assign("swap_in", model, state, "state")
+    _check_mode("swap_in", mode)
+    bound = _bind("swap_in", model, state, "state")
+    names, params, values = (list(x) for x in zip(*bound, strict=True)) if bound else ([], [], [])
+    # Stage every value on its parameter's device before touching the model, so a failed copy
+    # (out of memory, say) leaves the model untouched.
+    old = _swap(params, _to_devices(values, params), mode)
+    displaced = Displaced(zip(names, old, strict=True))
+    displaced.mode = mode
+    return displaced
 
 
 def restore(model: nn.Module, displaced: Mapping[str, torch.Tensor], /) -> None:
-    """Undo :func:`swap_in`: put the displaced tensors back, bit for bit.
+    """Undo :func:`swap_in`: put the displaced values back, bit for bit, the way they left.
 
-    The original storage is re-attached, not copied back, so the restore is exact by
-    construction and every parameter is the same object it was.
+    After a ``"pointer"`` swap the original storage is re-attached, not copied back, so the
+    restore is exact by construction; after a ``"copy"`` swap (``displaced.mode``) the saved
+    values are copied back into the parameters' own storage. Either way every parameter is the
+    same object it was. A plain dict is restored as after a ``"pointer"`` swap.
 
     Args:
         model: the model passed to :func:`swap_in`.
@@ -200,7 +335,11 @@ def restore(model: nn.Module, displaced: Mapping[str, torch.Tensor], /) -> None:
     >>> layer.weight is weight
     True
     """
-    _assign("restore", model, displaced, "displaced")
+    mode = getattr(displaced, "mode", "pointer")
+    _check_mode("restore", mode)
+    bound = _bind("restore", model, displaced, "displaced")
+    params = [p for _, p, _ in bound]
+    _unswap(params, _to_devices([v for _, _, v in bound], params), mode)
 
 
 def weight_delta(
@@ -208,8 +347,11 @@ def weight_delta(
 ) -> tuple[float, float]:
     """L2 norm and max absolute value of ``after - before`` over all tensors together.
 
-    Computed tensor by tensor, in float32 (float64 when either side is float64 or not a float),
-    with the sum of squares accumulated in float64: extra memory is bounded by one tensor.
+    Computed in float32 (float64 when either side is float64 or not a float), in runs of
+    tensors of at most ``CHUNK`` elements: a few ops per run rather than per tensor, and extra
+    memory bounded by two buffers of max(``CHUNK``, the largest tensor) elements. Float32 sums of
+    squares are redone in float64 where they would overflow or underflow. NaN anywhere gives
+    ``(nan, nan)``.
 
     Args:
         before: a state dict, e.g. from :func:`capture_trainable`.
@@ -237,23 +379,76 @@ def weight_delta(
     meta = [k for k, b, a in pairs if b.is_meta or a.is_meta]
     if meta:
         raise ValueError(f"weight_delta: no values to compare ('meta' tensors) for {_keys(meta)}")
-    partial: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for _, b, a in pairs:
+    return _delta([b for _, b, _ in pairs], [a for _, _, a in pairs])
+
+
+CHUNK = 1 << 18
+"""Elements per chunk of :func:`weight_delta`: 1 MiB of float32, which stays in cache."""
+
+
+def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Consecutive runs of pairs of at most CHUNK elements (a bigger tensor is a run alone)."""
+    run: list[tuple[torch.Tensor, torch.Tensor]] = []
+    size = 0
+    for b, a in pairs:
+        if run and size + a.numel() > CHUNK:
+            yield run, size
+            run, size = [], 0
+        run.append((b, a))
+        size += a.numel()
+    if run:
+        yield run, size
+
+
+def _delta(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> tuple[float, float]:
+    """The work of :func:`weight_delta`, chunk by chunk: gather a run of ``after`` tensors into
+    one small buffer (``torch.cat``), subtract ``before`` (one slice when it is packed back to
+    back), then one min/max and one sum of squares per run. A few ops per run instead of three
+    per tensor; extra memory is two buffers of max(CHUNK, the largest tensor) elements."""
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for b, a in zip(befores, afters, strict=True):
         if a.numel() == 0:
             continue
-        a = a.detach()
         wide = torch.float64 in (a.dtype, b.dtype) or not (
             a.dtype.is_floating_point and b.dtype.is_floating_point
         )
-        dtype = torch.float64 if wide else torch.float32
-        diff = a.to(dtype) - b.detach().to(device=a.device, dtype=dtype)
-        partial.append(
-            (
-                torch.linalg.vector_norm(diff, dtype=torch.float64).square(),
-                diff.abs().max(),
-            )
+        groups.setdefault((a.device, torch.float64 if wide else torch.float32), []).append(
+            (b.detach(), a.detach())
         )
-    # Read results only after every tensor is queued: one device sync, not one per tensor.
-    sq = sum(float(s) for s, _ in partial)
-    max_abs = max((float(m) for _, m in partial), default=0.0)
-    return math.sqrt(sq), max_abs
+    results = []  # (run, dtype, sum of squares, (min, max)), read after all are queued
+    for (device, dtype), pairs in groups.items():
+        runs = list(_chunks(pairs))
+        size = max(n for _, n in runs)
+        diff = torch.empty(size, dtype=dtype, device=device)
+        gathered = None
+        for run, n in runs:
+            d = diff[:n]
+            torch.cat([a.reshape(-1) for _, a in run], out=d)
+            flat_b = _span([b for b, _ in run])
+            if flat_b is None:
+                if gathered is None:
+                    gathered = torch.empty(size, dtype=dtype, device=device)
+                flat_b = torch.cat(
+                    [b.reshape(-1).to(device, non_blocking=True) for b, _ in run], out=gathered[:n]
+                )
+            d.sub_(flat_b.to(device, non_blocking=True))
+            lo_hi = torch.aminmax(d)
+            results.append((run, dtype, d.square_().sum(), lo_hi))
+    # Read results only after every run is queued: one device sync, not one per run.
+    sq, max_abs = 0.0, 0.0
+    for run, dtype, s, (lo, hi) in results:
+        m = max(-float(lo), float(hi))
+        if math.isnan(m) or math.isnan(float(s)):
+            return math.nan, math.nan
+        if dtype == torch.float32 and (m > 1e15 or 0 < m < 1e-15):
+            s = _sum_of_squares_f64(run)  # float32 squares would overflow or underflow
+        sq += float(s)
+        max_abs = max(max_abs, m)
+    # Float32 squares can round the L2 a hair below max|Δ|, which it never is.
+    return max(math.sqrt(sq), max_abs), max_abs
+
+
+def _sum_of_squares_f64(run: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    return sum(
+        float((a.to(torch.float64) - b.to(a.device, torch.float64)).square().sum()) for b, a in run
+    )

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._state import capture_trainable, weight_delta
+from ._binding import Binding
+from ._state import _check_usable, _delta, _pack
 
 
 class WeightDeltaTracker:
     """Snapshot the trainable parameters now; ``delta()`` measures how far they moved since.
 
     The snapshot is a CPU copy of every parameter with ``requires_grad=True`` at construction.
-    ``delta()`` re-reads the live model (copying nothing) and returns the aggregate L2 norm and
-    max absolute value of the change over the captured tensors. Tensors that became trainable
-    later are ignored; ``(0.0, 0.0)`` when nothing was captured.
+    ``delta()`` re-reads the live model (copying nothing but one small buffer at a time) and
+    returns the aggregate L2 norm and max absolute value of the change over the captured
+    tensors, computed as :func:`weight_delta` does. Tensors that became trainable later, or
+    that left the model, are ignored; ``(0.0, 0.0)`` when nothing was captured.
 
     Args:
         model: the live model.
@@ -35,11 +37,19 @@ class WeightDeltaTracker:
 
     def __init__(self, model: nn.Module):
         self._model = model
-        self._before = capture_trainable(model)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        _check_usable("WeightDeltaTracker", trainable)
+        params = [p for _, p in trainable]
+        self._before = dict(zip([n for n, _ in trainable], _pack(params, params), strict=True))
+        self._binding = Binding(model, list(self._before))
 
     def delta(self) -> tuple[float, float]:
         """``(l2, max_abs)`` of the live trainable weights minus the snapshot."""
-        return weight_delta(self._before, dict(self._model.named_parameters()))
+        if not self._binding.current():  # the model changed since: look the names up again
+            live = dict(self._model.named_parameters())
+            self._binding = Binding(self._model, [n for n in self._before if n in live])
+        befores = [self._before[n] for n in self._binding.names]
+        return _delta(befores, self._binding.params)
 
     def __len__(self) -> int:
         return len(self._before)
