@@ -16,6 +16,7 @@ from ._state import (
     _bind,
     _check_mode,
     _check_usable,
+    _empty_like_packed,
     _pack,
     _swap,
     _to_devices,
@@ -102,6 +103,10 @@ class LoraReferenceSnapshot:
         self._values = _pack([value for _, _, value in bound], params)
         self._state = dict(zip(names, self._values, strict=True))
         self._binding = Binding(self._model, names)
+        # Copy mode saves the live values here; kept between entries, since fresh host memory
+        # costs a page fault per 4 KiB on first touch (on CUDA the caching allocator would
+        # hold on to it anyway).
+        self._stash: list[torch.Tensor] | None = None
 
     @classmethod
     def from_disk(
@@ -154,7 +159,11 @@ class LoraReferenceSnapshot:
         no_grad.__enter__()
         try:
             params = self._binding.params
-            self._displaced = _swap(params, _to_devices(self._values, params), self.mode)
+            if self.mode == "copy" and self._stash is None:
+                self._stash = _empty_like_packed(params)
+            self._displaced = _swap(
+                params, _to_devices(self._values, params), self.mode, self._stash
+            )
         except BaseException:
             no_grad.__exit__(None, None, None)
             raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -215,20 +215,32 @@ def _to_devices(values: list[torch.Tensor], params: list[torch.Tensor]) -> list[
     return out
 
 
-def _swap(params: list[torch.Tensor], values: list[torch.Tensor], mode: Mode) -> list[torch.Tensor]:
+def _empty_like_packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Uninitialised tensors shaped like ``tensors``, views into one buffer per (device, dtype)."""
+    out: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for (device, dtype), idx in _groups(tensors).items():
+        flat = torch.empty(sum(tensors[i].numel() for i in idx), dtype=dtype, device=device)
+        for i, view in zip(idx, _views(flat, [tensors[i] for i in idx]), strict=True):
+            out[i] = view
+    return out
+
+
+def _swap(
+    params: list[torch.Tensor],
+    values: list[torch.Tensor],
+    mode: Mode,
+    stash: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
     """Put ``values`` (already on the parameters' devices) into ``params``; all or nothing.
-    Returns what :func:`_unswap` needs to undo it."""
+    Returns what :func:`_unswap` needs to undo it. ``stash``: where a ``"copy"`` swap saves the
+    live values (allocated here when not given)."""
     datas = [p.data for p in params]
     if not datas:
         return []
     if mode == "copy":
         # Writes go through `.data`, whose version counter is not the parameter's: a pending
         # backward stays valid, and sees the original values again after the restore.
-        stash = [None] * len(datas)
-        for (device, dtype), idx in _groups(datas).items():
-            flat = torch.empty(sum(datas[i].numel() for i in idx), dtype=dtype, device=device)
-            for i, view in zip(idx, _views(flat, [datas[i] for i in idx]), strict=True):
-                stash[i] = view
+        stash = _empty_like_packed(datas) if stash is None else stash
         torch._foreach_copy_(stash, datas)
         try:
             torch._foreach_copy_(datas, values)
@@ -379,7 +391,7 @@ def weight_delta(
     meta = [k for k, b, a in pairs if b.is_meta or a.is_meta]
     if meta:
         raise ValueError(f"weight_delta: no values to compare ('meta' tensors) for {_keys(meta)}")
-    return _delta([b for _, b, _ in pairs], [a for _, _, a in pairs])
+    return _measure(_plan([b for _, b, _ in pairs], [a for _, _, a in pairs]))
 
 
 CHUNK = 1 << 18
@@ -400,11 +412,20 @@ def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
         yield run, size
 
 
-def _delta(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> tuple[float, float]:
-    """The work of :func:`weight_delta`, chunk by chunk: gather a run of ``after`` tensors into
-    one small buffer (``torch.cat``), subtract ``before`` (one slice when it is packed back to
-    back), then one min/max and one sum of squares per run. A few ops per run instead of three
-    per tensor; extra memory is two buffers of max(CHUNK, the largest tensor) elements."""
+class _Run(NamedTuple):
+    """A run of tensor pairs measured together: ``afters`` gathered into ``diff``, minus
+    ``before`` (one 1-D view when the befores lie back to back; None: gather them too)."""
+
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    afters: list[torch.Tensor]
+    before: torch.Tensor | None
+    diff: torch.Tensor
+    gathered: torch.Tensor | None
+
+
+def _plan(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> list[_Run]:
+    """Group pairs by (device, compute dtype), cut each group into runs of at most CHUNK
+    elements, and give each group two scratch buffers of its largest run."""
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for b, a in zip(befores, afters, strict=True):
         if a.numel() == 0:
@@ -415,33 +436,46 @@ def _delta(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> tuple[flo
         groups.setdefault((a.device, torch.float64 if wide else torch.float32), []).append(
             (b.detach(), a.detach())
         )
-    results = []  # (run, dtype, sum of squares, (min, max)), read after all are queued
+    plan = []
     for (device, dtype), pairs in groups.items():
         runs = list(_chunks(pairs))
-        size = max(n for _, n in runs)
-        diff = torch.empty(size, dtype=dtype, device=device)
-        gathered = None
-        for run, n in runs:
-            d = diff[:n]
-            torch.cat([a.reshape(-1) for _, a in run], out=d)
-            flat_b = _span([b for b, _ in run])
-            if flat_b is None:
-                if gathered is None:
-                    gathered = torch.empty(size, dtype=dtype, device=device)
-                flat_b = torch.cat(
-                    [b.reshape(-1).to(device, non_blocking=True) for b, _ in run], out=gathered[:n]
-                )
-            d.sub_(flat_b.to(device, non_blocking=True))
-            lo_hi = torch.aminmax(d)
-            results.append((run, dtype, d.square_().sum(), lo_hi))
+        diff = torch.empty(max(n for _, n in runs), dtype=dtype, device=device)
+        spans = [_span([b for b, _ in run]) for run, _ in runs]
+        gathered = None if all(x is not None for x in spans) else torch.empty_like(diff)
+        plan += [
+            _Run(
+                run,
+                [a.reshape(-1) for _, a in run],
+                span,
+                diff[:n],
+                None if span is not None else gathered[:n],
+            )
+            for (run, n), span in zip(runs, spans, strict=True)
+        ]
+    return plan
+
+
+def _measure(plan: list[_Run]) -> tuple[float, float]:
+    """The work of :func:`weight_delta`, run by run: gather the ``after`` tensors into one small
+    buffer (``torch.cat``), subtract ``before``, then one min/max and one sum of squares. A few
+    ops per run instead of three per tensor, and the buffer stays in cache."""
+    results = []  # (run, sum of squares, (min, max)), read after all are queued
+    for run in plan:
+        d = torch.cat(run.afters, out=run.diff)
+        before = run.before
+        if before is None:
+            before = torch.cat([b.reshape(-1).to(d.device) for b, _ in run.pairs], out=run.gathered)
+        d.sub_(before.to(d.device, non_blocking=True))
+        lo_hi = torch.aminmax(d)
+        results.append((run, d.square_().sum(), lo_hi))
     # Read results only after every run is queued: one device sync, not one per run.
     sq, max_abs = 0.0, 0.0
-    for run, dtype, s, (lo, hi) in results:
+    for run, s, (lo, hi) in results:
         m = max(-float(lo), float(hi))
         if math.isnan(m) or math.isnan(float(s)):
             return math.nan, math.nan
-        if dtype == torch.float32 and (m > 1e15 or 0 < m < 1e-15):
-            s = _sum_of_squares_f64(run)  # float32 squares would overflow or underflow
+        if run.diff.dtype == torch.float32 and (m > 1e15 or 0 < m < 1e-15):
+            s = _sum_of_squares_f64(run.pairs)  # float32 squares would overflow or underflow
         sq += float(s)
         max_abs = max(max_abs, m)
     # Float32 squares can round the L2 a hair below max|Δ|, which it never is.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ._binding import Binding
-from ._state import _check_usable, _delta, _pack
+from ._state import _check_usable, _measure, _pack, _plan
 
 
 class WeightDeltaTracker:
@@ -42,14 +42,21 @@ class WeightDeltaTracker:
         params = [p for _, p in trainable]
         self._before = dict(zip([n for n, _ in trainable], _pack(params, params), strict=True))
         self._binding = Binding(model, list(self._before))
+        self._plan, self._storage = None, None
 
     def delta(self) -> tuple[float, float]:
         """``(l2, max_abs)`` of the live trainable weights minus the snapshot."""
         if not self._binding.current():  # the model changed since: look the names up again
             live = dict(self._model.named_parameters())
             self._binding = Binding(self._model, [n for n in self._before if n in live])
-        befores = [self._before[n] for n in self._binding.names]
-        return _delta(befores, self._binding.params)
+            self._plan = None
+        params = self._binding.params
+        # The plan holds views of the parameters' storage: make it again if any moved.
+        storage = [p.data_ptr() for p in params]
+        if self._plan is None or storage != self._storage:
+            self._plan = _plan([self._before[n] for n in self._binding.names], params)
+            self._storage = storage
+        return _measure(self._plan)
 
     def __len__(self) -> int:
         return len(self._before)
