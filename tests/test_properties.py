@@ -11,6 +11,7 @@ from strategies import module_trees, state_pairs, states_for, tensors
 
 from fieldkit.training import (
     LoraReferenceSnapshot,
+    WeightDeltaTracker,
     _state,
     capture_trainable,
     restore,
@@ -65,7 +66,7 @@ def test_capture_trainable_copies_exactly_the_trainable_parameters(data):
 def _float64_delta(before, after):
     sq, mx = 0.0, 0.0
     for name, b in before.items():
-        d = (after[name].double() - b.double()).reshape(-1)
+        d = (after[name].detach().double() - b.double()).reshape(-1)
         sq += float((d * d).sum())
         mx = max([mx, *d.abs().tolist()])
     return math.sqrt(sq), mx
@@ -96,6 +97,24 @@ def test_weight_delta_in_small_runs_and_packed_equals_a_float64_computation(pair
     ref_l2, ref_max = _float64_delta(before, after)
     assert math.isclose(l2, ref_l2, rel_tol=1e-6, abs_tol=1e-30)
     assert math.isclose(max_abs, ref_max, rel_tol=1e-6, abs_tol=1e-30)
+
+
+@given(st.data())
+def test_tracker_equals_weight_delta_over_random_trees(data):
+    model = data.draw(module_trees())
+    tracker = WeightDeltaTracker(model)
+    before = capture_trainable(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(data.draw(tensors(shape=p.shape, dtype=p.dtype, specials=False)))
+    live = dict(model.named_parameters())
+    got, expected = tracker.delta(), weight_delta(before, live)
+    assert got == expected or all(map(math.isnan, got + expected))  # NaN from the initial values
+    ref_l2, ref_max = _float64_delta(before, live)
+    if not math.isnan(ref_l2):
+        assert math.isclose(got[0], ref_l2, rel_tol=1e-6, abs_tol=1e-30)
+        assert math.isclose(got[1], ref_max, rel_tol=1e-6, abs_tol=1e-30)
 
 
 @given(st.sampled_from([1e-30, 1e-20, 1e20, 1e30]), st.integers(1, 3000))

@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from helpers import TOKENS, peft_model
 
-from fieldkit.training import WeightDeltaTracker, capture_trainable, weight_delta
+from fieldkit.training import (
+    LoraReferenceSnapshot,
+    WeightDeltaTracker,
+    capture_trainable,
+    weight_delta,
+)
 
 
 def _train(model, steps, lr):
@@ -71,3 +76,25 @@ def test_live_model_is_measured_without_a_copy_and_shape_mismatch_is_named():
     name = next(iter(state))
     with pytest.raises(ValueError, match=rf"'{name}': before \(2, 2\), after \(4, 16\)"):
         weight_delta({name: torch.zeros(2, 2)}, dict(model.named_parameters()))
+
+
+def test_tracker_follows_the_model_replaced_modules_and_swapped_storage_included():
+    model = peft_model("linear", seed=2)
+    start = capture_trainable(model)
+    tracker = WeightDeltaTracker(model)
+    # A module replaced by user code: the tracker measures the new parameter under that name.
+    name = next(n for n in start if n.endswith("lora_A.default.weight"))
+    owner = model.get_submodule(name.rsplit(".", 2)[0])
+    fresh = torch.nn.Linear(owner["default"].in_features, owner["default"].out_features, bias=False)
+    owner["default"] = fresh
+    expected = weight_delta(start, dict(model.named_parameters()))
+    assert expected[0] > 0 and tracker.delta() == expected
+    # Inside a pointer swap the parameters read other storage: the tracker reads it too.
+    reference = {n: v + 1.0 for n, v in start.items()}
+    with LoraReferenceSnapshot(model, snapshot=reference):
+        assert tracker.delta() == weight_delta(start, reference) == (math.sqrt(len_of(start)), 1.0)
+    assert tracker.delta() == expected
+
+
+def len_of(state):
+    return sum(t.numel() for t in state.values())

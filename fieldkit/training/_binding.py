@@ -4,8 +4,9 @@ The pure functions look every name up in ``model.named_parameters()`` on each ca
 the whole module tree (≈3 ms for a 32-layer Llama on a 2-core CPU, twice what copying its LoRA
 bytes costs). The classes call them every step, so they bind once and, before each use, check
 the path from the model to every bound parameter (``_modules`` / ``_parameters`` entries, one
-dict lookup per edge) and each parameter's shape, dtype and device. When anything changed —
-a module or parameter replaced, ``model.to(...)`` — they bind again through the full checks.
+dict lookup per edge) and each parameter's shape, dtype, device and storage address. When
+anything changed — a module or parameter replaced, ``model.to(...)``, ``.data`` re-pointed —
+they bind again through the full checks.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ class Binding:
         self._signature = self._sign()
 
     def _sign(self) -> list[tuple]:
-        return [(p.shape, p.dtype, p.device) for p in self.params]
+        return [(p.shape, p.dtype, p.device, p.data_ptr()) for p in self.params]
 
     def current(self) -> bool:
-        """Whether every name still leads to the same parameter, with the same shape, dtype and
-        device."""
+        """Whether every name still leads to the same parameter, with the same shape, dtype,
+        device and storage."""
         return (
             all(d.get(key) is obj for d, key, obj in self._edges)
             and self._sign() == self._signature

@@ -42,20 +42,16 @@ class WeightDeltaTracker:
         params = [p for _, p in trainable]
         self._before = dict(zip([n for n, _ in trainable], _pack(params, params), strict=True))
         self._binding = Binding(model, list(self._before))
-        self._plan, self._storage = None, None
+        self._plan = _plan(list(self._before.values()), self._binding.params)
 
     def delta(self) -> tuple[float, float]:
         """``(l2, max_abs)`` of the live trainable weights minus the snapshot."""
-        if not self._binding.current():  # the model changed since: look the names up again
+        # The plan holds views of the parameters' storage: make both again if anything moved.
+        if not self._binding.current():
             live = dict(self._model.named_parameters())
             self._binding = Binding(self._model, [n for n in self._before if n in live])
-            self._plan = None
-        params = self._binding.params
-        # The plan holds views of the parameters' storage: make it again if any moved.
-        storage = [p.data_ptr() for p in params]
-        if self._plan is None or storage != self._storage:
-            self._plan = _plan([self._before[n] for n in self._binding.names], params)
-            self._storage = storage
+            befores = [self._before[n] for n in self._binding.names]
+            self._plan = _plan(befores, self._binding.params)
         return _measure(self._plan)
 
     def __len__(self) -> int:

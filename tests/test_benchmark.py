@@ -1,0 +1,44 @@
+"""A short run of the benchmark keeps it from rotting: every method checked, every figure there."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "swap_bench", ROOT / "benchmarks" / "swap_bench.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_benchmark_checks_and_reports_every_method(tmp_path, capsys):
+    # The run itself asserts each method's correctness before timing it.
+    result = _bench().main(["--quick", "--rounds", "2", "--device", "cpu", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "swap_bench.json").read_text()) == result
+    assert [c["case"] for c in result["cases"]] == ["default", "bfloat16", "small"]
+    for case in result["cases"]:
+        assert case["floor_ms"] > 0 and case["forward_ms"] > 0
+        swaps = {row["method"]: row for row in case["swap"]}
+        assert len(swaps) == 10 and "fieldkit snapshot, mode='copy'" in swaps
+        for row in case["swap"] + case["delta"]:
+            if "skipped" in row:
+                assert row["skipped"].startswith("skipped: "), row
+                continue
+            assert 0 < row["min_ms"] <= row["median_ms"]
+            assert math.isclose(row["x_floor"], row["median_ms"] / case["floor_ms"])
+        deltas = {row["method"]: row for row in case["delta"]}
+        assert deltas["fieldkit WeightDeltaTracker.delta()"]["peak_extra_bytes"] >= 0
+    assert [s["r"] for s in result["sweep"]] == [2, 4]
+    out = capsys.readouterr().out
+    assert out.count("| method") == 3 and "x floor" in out
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "swap_bench.png").stat().st_size > 0
