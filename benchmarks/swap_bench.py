@@ -461,7 +461,7 @@ def plot(sweep: list[dict], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(12, 6))
     sizes = [p["adapter_bytes"] / 2**20 for p in sweep]
     methods = [m for m in sweep[0]["median_ms"] if m != "floor"]
     ax.plot(sizes, [p["median_ms"]["floor"] for p in sweep], "k--", lw=2, label="floor: one copy")
@@ -477,7 +477,7 @@ def plot(sweep: list[dict], path: Path) -> str:
         title=f"Reference swap cost, {sweep[0]['tensors']} LoRA tensors ({sweep[0]['device']})",
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return f"plot: {path}"

@@ -18,8 +18,8 @@ from ._state import (
     _check_usable,
     _empty_like_packed,
     _pack,
+    _stage,
     _swap,
-    _to_devices,
     _unswap,
 )
 
@@ -100,7 +100,7 @@ class LoraReferenceSnapshot:
         bound = _bind("LoraReferenceSnapshot", self._model, state, "snapshot")
         names = [name for name, _, _ in bound]
         params = [param for _, param, _ in bound]
-        self._values = _pack([value for _, _, value in bound], params)
+        self._values, self._packs = _pack([value for _, _, value in bound], params)
         self._state = dict(zip(names, self._values, strict=True))
         self._binding = Binding(self._model, names)
         # Copy mode saves the live values here; kept between entries, since fresh host memory
@@ -139,7 +139,9 @@ class LoraReferenceSnapshot:
     @property
     def state(self) -> StateDict:
         """The snapshot itself: ``{live parameter name: CPU tensor}``. Don't modify it while
-        the snapshot is entered."""
+        the snapshot is entered. The tensors are views into one buffer per (device, dtype), so
+        that each moves in one copy; ``safetensors`` refuses to save views of one buffer:
+        save ``{k: v.clone() for k, v in snap.state.items()}``."""
         return self._state
 
     @property
@@ -162,7 +164,7 @@ class LoraReferenceSnapshot:
             if self.mode == "copy" and self._stash is None:
                 self._stash = _empty_like_packed(params)
             self._displaced = _swap(
-                params, _to_devices(self._values, params), self.mode, self._stash
+                params, _stage(self._values, self._packs), self.mode, self._stash
             )
         except BaseException:
             no_grad.__exit__(None, None, None)

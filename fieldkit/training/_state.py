@@ -8,6 +8,7 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
+from torch._utils import _unflatten_dense_tensors
 
 StateDict = dict[str, torch.Tensor]
 """A plain state dict: parameter name (as ``named_parameters()`` spells it) to tensor."""
@@ -171,18 +172,21 @@ def _groups(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype
 
 
 def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of ``flat`` shaped like ``like``, back to back."""
-    views, offset = [], 0
-    for t in like:
-        views.append(flat[offset : offset + t.numel()].view(t.shape))
-        offset += t.numel()
-    return views
+    """Views of ``flat`` shaped like ``like``, back to back (one C++ call)."""
+    return list(_unflatten_dense_tensors(flat, like))
 
 
-def _pack(values: list[torch.Tensor], likes: list[torch.Tensor]) -> list[torch.Tensor]:
+Pack = tuple[torch.device, torch.Tensor, list[int]]
+"""(target device, one flat buffer, the indices of the tensors that are views into it)."""
+
+
+def _pack(
+    values: list[torch.Tensor], likes: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[Pack]]:
     """Copy ``values`` to the CPU in ``likes``' dtypes, as views into one contiguous buffer per
     (device, dtype) of ``likes`` (pinned for CUDA), so each group moves in one copy."""
     out: list[torch.Tensor] = [None] * len(values)  # type: ignore[list-item]
+    packs: list[Pack] = []
     for (device, dtype), idx in _groups(likes).items():
         flat = torch.empty(
             sum(likes[i].numel() for i in idx),
@@ -192,27 +196,39 @@ def _pack(values: list[torch.Tensor], likes: list[torch.Tensor]) -> list[torch.T
         )
         for i, view in zip(idx, _views(flat, [likes[i] for i in idx]), strict=True):
             out[i] = view.copy_(values[i].detach())
+        packs.append((device, flat, idx))
+    return out, packs
+
+
+def _stage(values: list[torch.Tensor], packs: list[Pack]) -> list[torch.Tensor]:
+    """``values`` with every pack that lives elsewhere moved to its device in one
+    (non-blocking, from pinned memory) copy."""
+    out = list(values)
+    for device, flat, idx in packs:
+        if flat.device != device:
+            moved = _views(flat.to(device, non_blocking=True), [values[i] for i in idx])
+            for i, v in zip(idx, moved, strict=True):
+                out[i] = v
     return out
 
 
 def _to_devices(values: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each value on its parameter's device: used in place when already there, otherwise
-    copied (non-blocking from pinned memory), one copy per packed group."""
+    copied (non-blocking from pinned memory), in one copy per group packed back to back."""
     out = list(values)
     moving = [
         i for i, (v, p) in enumerate(zip(values, params, strict=True)) if v.device != p.device
     ]
+    packs: list[Pack] = []
     for (device, _), idx in _groups([params[i] for i in moving]).items():
         idx = [moving[i] for i in idx]
-        group = [values[i] for i in idx]
-        flat = _span(group)
+        flat = _span([values[i] for i in idx])
         if flat is not None:
-            group = _views(flat.to(device, non_blocking=True), group)
-        else:
-            group = [v.to(device, non_blocking=True) for v in group]
-        for i, v in zip(idx, group, strict=True):
-            out[i] = v
-    return out
+            packs.append((device, flat, idx))
+            continue
+        for i in idx:
+            out[i] = values[i].to(device, non_blocking=True)
+    return _stage(out, packs)
 
 
 def _empty_like_packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -361,7 +377,7 @@ def weight_delta(
 
     Computed in float32 (float64 when either side is float64 or not a float), in runs of
     tensors of at most ``CHUNK`` elements: a few ops per run rather than per tensor, and extra
-    memory bounded by two buffers of max(``CHUNK``, the largest tensor) elements. Float32 sums of
+    memory bounded by one buffer of max(``CHUNK``, the largest tensor) elements. Float32 sums of
     squares are redone in float64 where they would overflow or underflow. NaN anywhere gives
     ``(nan, nan)``.
 
@@ -414,18 +430,18 @@ def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
 
 class _Run(NamedTuple):
     """A run of tensor pairs measured together: ``afters`` gathered into ``diff``, minus
-    ``before`` (one 1-D view when the befores lie back to back; None: gather them too)."""
+    ``before``: one 1-D view when the befores lie back to back, else (slice of ``diff``,
+    before) pairs, one subtraction each."""
 
     pairs: list[tuple[torch.Tensor, torch.Tensor]]
     afters: list[torch.Tensor]
-    before: torch.Tensor | None
+    before: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]
     diff: torch.Tensor
-    gathered: torch.Tensor | None
 
 
 def _plan(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> list[_Run]:
     """Group pairs by (device, compute dtype), cut each group into runs of at most CHUNK
-    elements, and give each group two scratch buffers of its largest run."""
+    elements, and give each group one scratch buffer of its largest run."""
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for b, a in zip(befores, afters, strict=True):
         if a.numel() == 0:
@@ -439,19 +455,14 @@ def _plan(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> list[_Run]
     plan = []
     for (device, dtype), pairs in groups.items():
         runs = list(_chunks(pairs))
-        diff = torch.empty(max(n for _, n in runs), dtype=dtype, device=device)
-        spans = [_span([b for b, _ in run]) for run, _ in runs]
-        gathered = None if all(x is not None for x in spans) else torch.empty_like(diff)
-        plan += [
-            _Run(
-                run,
-                [a.reshape(-1) for _, a in run],
-                span,
-                diff[:n],
-                None if span is not None else gathered[:n],
-            )
-            for (run, n), span in zip(runs, spans, strict=True)
-        ]
+        scratch = torch.empty(max(n for _, n in runs), dtype=dtype, device=device)
+        for run, n in runs:
+            diff = scratch[:n]
+            before = _span([b for b, _ in run])
+            if before is None:
+                slices = _views(diff, [a for _, a in run])
+                before = [(d, b) for d, (b, _) in zip(slices, run, strict=True)]
+            plan.append(_Run(run, [a.reshape(-1) for _, a in run], before, diff))
     return plan
 
 
@@ -462,10 +473,11 @@ def _measure(plan: list[_Run]) -> tuple[float, float]:
     results = []  # (run, sum of squares, (min, max)), read after all are queued
     for run in plan:
         d = torch.cat(run.afters, out=run.diff)
-        before = run.before
-        if before is None:
-            before = torch.cat([b.reshape(-1).to(d.device) for b, _ in run.pairs], out=run.gathered)
-        d.sub_(before.to(d.device, non_blocking=True))
+        if isinstance(run.before, torch.Tensor):
+            d.sub_(run.before.to(d.device, non_blocking=True))
+        else:
+            for piece, b in run.before:
+                piece.sub_(b.to(d.device, non_blocking=True))
         lo_hi = torch.aminmax(d)
         results.append((run, d.square_().sum(), lo_hi))
     # Read results only after every run is queued: one device sync, not one per run.

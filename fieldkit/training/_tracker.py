@@ -40,9 +40,9 @@ class WeightDeltaTracker:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         _check_usable("WeightDeltaTracker", trainable)
         params = [p for _, p in trainable]
-        self._before = dict(zip([n for n, _ in trainable], _pack(params, params), strict=True))
+        self._before = dict(zip([n for n, _ in trainable], _pack(params, params)[0], strict=True))
         self._binding = Binding(model, list(self._before))
-        self._plan = _plan(list(self._before.values()), self._binding.params)
+        self._plan = None  # made on the first delta(), with its scratch buffer
 
     def delta(self) -> tuple[float, float]:
         """``(l2, max_abs)`` of the live trainable weights minus the snapshot."""
@@ -50,6 +50,8 @@ class WeightDeltaTracker:
         if not self._binding.current():
             live = dict(self._model.named_parameters())
             self._binding = Binding(self._model, [n for n in self._before if n in live])
+            self._plan = None
+        if self._plan is None:
             befores = [self._before[n] for n in self._binding.names]
             self._plan = _plan(befores, self._binding.params)
         return _measure(self._plan)
