@@ -7,7 +7,10 @@ import pytest
 
 import fieldkit.training
 
-MODULES = sorted({f"fieldkit.training.{m}" for m in fieldkit.training._EXPORTS.values()})
+MODULES = sorted(
+    {f"fieldkit.training.{m}" for m in fieldkit.training._EXPORTS.values()}
+    | {"fieldkit.training.hf"}
+)
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -69,3 +69,24 @@ def test_unknown_name_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         fieldkit.training.nope  # noqa: B018
+
+
+def test_the_classes_and_functions_never_import_transformers_and_hf_says_what_it_needs():
+    done = _run(
+        """
+        import sys, torch
+        from fieldkit.training import LoraReferenceSnapshot, WeightDeltaTracker, delta_report
+        model = torch.nn.Linear(2, 2)
+        WeightDeltaTracker(model).report()
+        with LoraReferenceSnapshot(model):
+            pass
+        assert "transformers" not in sys.modules, "transformers imported"
+        sys.modules["transformers"] = None  # as if it were not installed
+        try:
+            import fieldkit.training.hf
+        except ImportError as e:
+            print(e)
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "fieldkit.training.hf needs transformers" in done.stdout

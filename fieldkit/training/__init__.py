@@ -2,8 +2,10 @@
 
 Pure functions over plain state dicts (``dict[str, Tensor]``):
 :func:`capture_trainable`, :func:`load_adapter_dict`, :func:`swap_in`, :func:`restore`,
-:func:`weight_delta`; and two thin classes over them: :class:`LoraReferenceSnapshot`,
-:class:`WeightDeltaTracker`.
+:func:`weight_delta`, :func:`delta_report`, :func:`soft_update_`; and two thin classes over
+them: :class:`LoraReferenceSnapshot`, :class:`WeightDeltaTracker`. Transformers ``Trainer``
+callbacks live in :mod:`fieldkit.training.hf`; ``python -m fieldkit.training`` diffs and
+inspects saved adapters.
 
 Importing this package costs nothing: torch is imported when a name is first used, and a
 missing torch is one clear ``ImportError``.
@@ -17,10 +19,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # explicit re-exports for editors and type checkers
     from ._adapter import LoadReport as LoadReport
     from ._adapter import load_adapter_dict as load_adapter_dict
+    from ._report import DeltaReport as DeltaReport
+    from ._report import TensorDelta as TensorDelta
+    from ._report import delta_report as delta_report
     from ._snapshot import LoraReferenceSnapshot as LoraReferenceSnapshot
     from ._state import StateDict as StateDict
     from ._state import capture_trainable as capture_trainable
     from ._state import restore as restore
+    from ._state import soft_update_ as soft_update_
     from ._state import swap_in as swap_in
     from ._state import weight_delta as weight_delta
     from ._tracker import WeightDeltaTracker as WeightDeltaTracker
@@ -31,6 +37,10 @@ _EXPORTS = {
     "swap_in": "_state",
     "restore": "_state",
     "weight_delta": "_state",
+    "soft_update_": "_state",
+    "delta_report": "_report",
+    "DeltaReport": "_report",
+    "TensorDelta": "_report",
     "LoadReport": "_adapter",
     "load_adapter_dict": "_adapter",
     "LoraReferenceSnapshot": "_snapshot",

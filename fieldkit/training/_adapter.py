@@ -68,10 +68,12 @@ def _require(module: str, fn: str):
         ) from None
 
 
-def _weights_path(adapter_dir: str | os.PathLike, adapter_name: str, filename: str) -> str:
+def _weights_path(
+    adapter_dir: str | os.PathLike, adapter_name: str, filename: str, fn: str = "load_adapter_dict"
+) -> str:
     directory = os.fspath(adapter_dir)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"load_adapter_dict: adapter_dir {directory!r} is not a directory")
+        raise FileNotFoundError(f"{fn}: adapter_dir {directory!r} is not a directory")
     candidates = [os.path.join(directory, filename)]
     if adapter_name != "default":
         # peft's save_pretrained puts a non-default adapter in a subfolder of its name.
@@ -83,7 +85,7 @@ def _weights_path(adapter_dir: str | os.PathLike, adapter_name: str, filename: s
     if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
         hint = " Found adapter_model.bin: re-save it with save_pretrained(safe_serialization=True)."
     raise FileNotFoundError(
-        f"load_adapter_dict: no weights file {filename!r} in {directory!r} "
+        f"{fn}: no weights file {filename!r} in {directory!r} "
         f"(looked for {', '.join(map(repr, candidates))}).{hint}"
     )
 

@@ -14,6 +14,7 @@ from ._state import (
     Mode,
     StateDict,
     _bind,
+    _check_alpha,
     _check_mode,
     _check_usable,
     _empty_like_packed,
@@ -21,6 +22,7 @@ from ._state import (
     _stage,
     _swap,
     _unswap,
+    soft_update_,
 )
 
 
@@ -143,6 +145,28 @@ class LoraReferenceSnapshot:
         that each moves in one copy; ``safetensors`` refuses to save views of one buffer:
         save ``{k: v.clone() for k, v in snap.state.items()}``."""
         return self._state
+
+    def update_(self, model: nn.Module, alpha: float) -> None:
+        """Soft reference update: ``ref ← (1 − alpha)·ref + alpha·policy`` on the snapshot itself
+        (TR-DPO's ``ref_model_mixup_alpha``, an EMA reference), as :func:`soft_update_` computes
+        it. ``model`` is the policy (usually the snapshot's own model); names, shapes and
+        dtypes are checked as for the swap, before anything is written.
+
+        Raises:
+            RuntimeError: the snapshot is entered (the model is reading it).
+            ValueError, TypeError: a bad ``alpha``, or a ``model`` that does not match.
+        """
+        fn = "LoraReferenceSnapshot.update_"
+        _check_alpha(fn, alpha)
+        if self.active:
+            raise RuntimeError(f"{fn}: the snapshot is entered; update it outside `with snap:`")
+        bound = _bind(fn, model, self._state, "snapshot")
+        soft_update_(self._state, {name: param for name, param, _ in bound}, alpha)
+
+    def refresh(self, model: nn.Module) -> None:
+        """Re-take the snapshot from ``model``'s current weights, in place (a hard reference
+        sync, TRL's ``ref_model_sync_steps`` with ``alpha=1``); checks as :meth:`update_`."""
+        self.update_(model, 1.0)
 
     @property
     def active(self) -> bool:

@@ -498,3 +498,60 @@ def _sum_of_squares_f64(run: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     return sum(
         float((a.to(torch.float64) - b.to(a.device, torch.float64)).square().sum()) for b, a in run
     )
+
+
+def _check_alpha(fn: str, alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"{fn}: alpha must be a number in [0, 1], got {alpha!r}")
+    if not 0.0 <= alpha <= 1.0:  # NaN fails this too
+        raise ValueError(f"{fn}: alpha must be in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def soft_update_(
+    reference: Mapping[str, torch.Tensor], policy: Mapping[str, torch.Tensor], alpha: float, /
+) -> None:
+    """``reference ← (1 − alpha)·reference + alpha·policy``, in place, tensor by tensor.
+
+    The soft reference update of TR-DPO and of an EMA reference. Computed in float32 (float64
+    when either side is float64) and rounded once to ``reference``'s dtype; ``alpha=0`` leaves
+    ``reference`` untouched and ``alpha=1`` copies ``policy`` exactly.
+
+    Args:
+        reference: the state dict to update, e.g. :attr:`LoraReferenceSnapshot.state`.
+        policy: a state dict or ``dict(model.named_parameters())`` holding every name of
+            ``reference``, with the same shapes.
+        alpha: the weight of ``policy``, in [0, 1].
+
+    Raises:
+        ValueError: ``alpha`` outside [0, 1] (or NaN), names of ``reference`` missing from
+            ``policy``, or a shape mismatch; checked before anything is written.
+        TypeError: ``alpha`` is not a number.
+
+    >>> import torch
+    >>> ref = {"w": torch.zeros(2)}
+    >>> soft_update_(ref, {"w": torch.tensor([1.0, -2.0])}, 0.25)
+    >>> ref["w"]
+    tensor([ 0.2500, -0.5000])
+    """
+    alpha = _check_alpha("soft_update_", alpha)
+    missing = [k for k in reference if k not in policy]
+    if missing:
+        raise ValueError(f"soft_update_: policy has no value for {_keys(missing)}")
+    bad = [
+        f"{k!r}: reference {tuple(r.shape)}, policy {tuple(policy[k].shape)}"
+        for k, r in reference.items()
+        if r.shape != policy[k].shape
+    ]
+    if bad:
+        raise ValueError("soft_update_: shape mismatch for " + _first(bad, sep="; "))
+    if alpha == 0.0:
+        return
+    with torch.no_grad():
+        for name, ref in reference.items():
+            new = policy[name].detach().to(ref.device)
+            if alpha < 1.0:
+                wide = torch.float64 in (ref.dtype, new.dtype)
+                dtype = torch.float64 if wide else torch.float32
+                new = ref.to(dtype).lerp(new.to(dtype), alpha)
+            ref.copy_(new)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ._binding import Binding
+from ._report import DeltaReport, delta_report
 from ._state import _check_usable, _measure, _pack, _plan
 
 
@@ -44,17 +46,38 @@ class WeightDeltaTracker:
         self._binding = Binding(model, list(self._before))
         self._plan = None  # made on the first delta(), with its scratch buffer
 
-    def delta(self) -> tuple[float, float]:
-        """``(l2, max_abs)`` of the live trainable weights minus the snapshot."""
+    def _bound(self) -> Binding:
         # The plan holds views of the parameters' storage: make both again if anything moved.
         if not self._binding.current():
             live = dict(self._model.named_parameters())
             self._binding = Binding(self._model, [n for n in self._before if n in live])
             self._plan = None
+        return self._binding
+
+    def delta(self) -> tuple[float, float]:
+        """``(l2, max_abs)`` of the live trainable weights minus the snapshot."""
+        self._bound()
         if self._plan is None:
             befores = [self._before[n] for n in self._binding.names]
             self._plan = _plan(befores, self._binding.params)
         return _measure(self._plan)
+
+    def report(self) -> DeltaReport:
+        """Per-tensor figures and, for each tensor that did not move, the likely cause (see
+        :func:`delta_report`). Call it before ``optimizer.zero_grad()`` so the gradients can
+        tell the causes apart. ``print()`` it for a table; ``.rows`` / ``.to_dict()`` for code.
+        """
+        binding = self._bound()
+        before = {n: self._before[n] for n in binding.names}
+        return delta_report(before, dict(zip(binding.names, binding.params, strict=True)))
+
+    def reset(self) -> None:
+        """Take the snapshot again, now, in place (same tensors, no new memory): ``delta()``
+        then measures from here."""
+        binding = self._bound()
+        befores = [self._before[n] for n in binding.names]
+        with torch.no_grad():
+            torch._foreach_copy_(befores, [p.detach() for p in binding.params])
 
     def __len__(self) -> int:
         return len(self._before)

@@ -1,0 +1,180 @@
+"""``python -m fieldkit.training``: diff and inspect adapters saved by peft's save_pretrained.
+
+    python -m fieldkit.training diff ADAPTER_A ADAPTER_B [--top N] [--json]
+    python -m fieldkit.training inspect ADAPTER [--json]
+
+ADAPTER is a directory written by ``save_pretrained`` or its ``.safetensors`` file. Exit status
+0 on success; 2 on a bad path or file (with a message saying which) or bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ._adapter import _reading, _weights_path
+from ._report import delta_report
+from ._state import _first
+
+PROG = "python -m fieldkit.training"
+
+
+class _BadInput(Exception):
+    pass
+
+
+def _path(adapter: str) -> str:
+    if os.path.isfile(adapter):
+        return adapter
+    if not os.path.exists(adapter):
+        raise _BadInput(f"{adapter!r}: no such file or directory")
+    try:
+        return _weights_path(adapter, "default", "adapter_model.safetensors", fn=PROG)
+    except FileNotFoundError as e:
+        raise _BadInput(str(e).removeprefix(f"{PROG}: ")) from None
+
+
+def _read(adapter: str) -> tuple[str, dict]:
+    """The file's path and its tensors, keyed as in the file."""
+    from safetensors.torch import load_file
+
+    path = _path(adapter)
+    try:
+        with _reading(PROG, path):
+            return path, load_file(path)
+    except ValueError as e:
+        raise _BadInput(str(e).removeprefix(f"{PROG}: ")) from None
+
+
+def _config(path: str) -> dict | None:
+    config = os.path.join(os.path.dirname(path), "adapter_config.json")
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise _BadInput(f"cannot read {config!r}: {e}") from None
+
+
+def _shape(t) -> list[int]:
+    return list(t.shape)
+
+
+def diff(a: str, b: str, top: int | None) -> tuple[dict, str]:
+    path_a, sa = _read(a)
+    path_b, sb = _read(b)
+    common = [k for k in sa if k in sb and sa[k].shape == sb[k].shape]
+    mismatched = [
+        {"key": k, "shape_a": _shape(sa[k]), "shape_b": _shape(sb[k])}
+        for k in sa
+        if k in sb and sa[k].shape != sb[k].shape
+    ]
+    report = delta_report({k: sa[k] for k in common}, {k: sb[k] for k in common})
+    rows = sorted(report.rows, key=lambda r: r.l2, reverse=True)
+    result = {
+        "a": path_a,
+        "b": path_b,
+        "l2": report.l2,
+        "max_abs": report.max_abs,
+        "compared": len(common),
+        "unchanged": [r.name for r in report.unmoved],
+        "only_in_a": sorted(k for k in sa if k not in sb),
+        "only_in_b": sorted(k for k in sb if k not in sa),
+        "shape_mismatch": mismatched,
+        "tensors": [
+            {
+                "key": r.name,
+                "shape": list(r.shape),
+                "dtype": r.dtype,
+                "l2": r.l2,
+                "max_abs": r.max_abs,
+            }
+            for r in rows[:top]
+        ],
+    }
+    lines = [
+        f"A: {path_a} ({len(sa)} tensors)",
+        f"B: {path_b} ({len(sb)} tensors)",
+        f"B - A over {len(common)} common tensors: L2 {report.l2:.6e}, "
+        f"max|Δ| {report.max_abs:.6e}; {len(report.unmoved)} identical",
+    ]
+    for label, keys in (("only in A", result["only_in_a"]), ("only in B", result["only_in_b"])):
+        if keys:
+            lines.append(f"{label} ({len(keys)}): {_first(keys, limit=10)}")
+    for m in mismatched:
+        lines.append(f"shape differs: {m['key']}: A {m['shape_a']}, B {m['shape_b']}")
+    if rows:
+        shown = rows[:top]
+        width = max(len(r.name) for r in shown)
+        lines.append(f"\n{'tensor':<{width}}  {'shape':>14}  {'L2':>10}  {'max|Δ|':>10}")
+        lines += [
+            f"{r.name:<{width}}  {str(list(r.shape)):>14}  {r.l2:>10.3e}  {r.max_abs:>10.3e}"
+            for r in shown
+        ]
+        if len(shown) < len(rows):
+            lines.append(f"... {len(rows) - len(shown)} more (--top)")
+    return result, "\n".join(lines)
+
+
+def inspect(adapter: str) -> tuple[dict, str]:
+    from safetensors import safe_open
+
+    path = _path(adapter)
+    try:
+        with _reading(PROG, path), safe_open(path, framework="pt") as f:
+            tensors = [
+                {"key": k, "shape": f.get_slice(k).get_shape(), "dtype": f.get_slice(k).get_dtype()}
+                for k in f.keys()  # noqa: SIM118 - safe_open is not a mapping
+            ]
+    except ValueError as e:
+        raise _BadInput(str(e).removeprefix(f"{PROG}: ")) from None
+    numel = sum(_numel(t["shape"]) for t in tensors)
+    config = _config(path)
+    result = {"path": path, "tensors": tensors, "parameters": numel, "config": config}
+    width = max([len("tensor"), *(len(t["key"]) for t in tensors)])
+    lines = [f"{path}: {len(tensors)} tensors, {numel:,} parameters"]
+    if config is None:
+        lines.append("no adapter_config.json beside it")
+    else:
+        keys = ("peft_type", "r", "lora_alpha", "target_modules", "use_dora", "use_rslora")
+        shown = {k: config[k] for k in keys if k in config}
+        lines.append("config: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    lines.append(f"\n{'tensor':<{width}}  {'shape':>14}  dtype")
+    lines += [f"{t['key']:<{width}}  {str(t['shape']):>14}  {t['dtype']}" for t in tensors]
+    return result, "\n".join(lines)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p_diff = commands.add_parser("diff", help="L2 and max|Δ| between two saved adapters")
+    p_diff.add_argument("adapter_a")
+    p_diff.add_argument("adapter_b")
+    p_diff.add_argument("--top", type=int, default=None, metavar="N", help="show the N largest")
+    p_diff.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p_inspect = commands.add_parser("inspect", help="keys, shapes, dtypes and config")
+    p_inspect.add_argument("adapter")
+    p_inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+    if args.command == "diff" and args.top is not None and args.top < 0:
+        parser.error("--top must be >= 0")
+    try:
+        if args.command == "diff":
+            result, text = diff(args.adapter_a, args.adapter_b, args.top)
+        else:
+            result, text = inspect(args.adapter)
+    except _BadInput as e:
+        print(f"{PROG} {args.command}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else text)
+    return 0

@@ -1,0 +1,208 @@
+"""Per-tensor weight deltas, and why a tensor did not move."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ._state import _first
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+CAUSES = {
+    "frozen": "frozen (requires_grad=False): the optimizer cannot move it",
+    "zero-init partner": (
+        "its LoRA partner was all zeros (lora_B / lora_embedding_A start at zero), so its "
+        "gradient is exactly zero on the first step; it moves from the second step on"
+    ),
+    "rounded away": (
+        "{dtype} with a non-zero gradient: every update was smaller than half a unit in the "
+        "last place and rounded away; keep the adapter in float32 (peft's default "
+        "autocast_adapter_dtype=True) or raise the learning rate"
+    ),
+    "not stepped": (
+        "its gradient is non-zero but its value did not change: learning rate 0, not in the "
+        "optimizer's param groups, a skipped step (a grad scaler's inf check), or updates "
+        "below half a unit in the last place of {dtype}"
+    ),
+    "no gradient": (
+        "its gradient is zero or absent: it is not used in the loss, or gradients were "
+        "cleared before this report (call report() before optimizer.zero_grad())"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TensorDelta:
+    """One tensor's change since the snapshot.
+
+    Attributes:
+        name, shape, dtype: the parameter.
+        l2, max_abs: of ``after - before``.
+        rel: ``l2 / ||before||`` (``inf`` when ``before`` is all zeros and it moved).
+        unchanged: the fraction of elements bit-for-bit unchanged.
+        moved: ``max_abs > 0``.
+        cause: for a tensor that did not move, a key of ``CAUSES`` when one can be told,
+            else None.
+
+    >>> row = TensorDelta("w", (2,), "float32", 0.0, 0.0, 0.0, 1.0, False, "frozen")
+    >>> CAUSES[row.cause]
+    'frozen (requires_grad=False): the optimizer cannot move it'
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    l2: float
+    max_abs: float
+    rel: float
+    unchanged: float
+    moved: bool
+    cause: str | None
+
+
+@dataclass(frozen=True)
+class DeltaReport:
+    """Per-tensor rows and the totals; ``str()`` is a table plus a diagnosis, ``to_dict()`` plain
+    data for code.
+
+    >>> import torch
+    >>> before = {"a": torch.zeros(2), "b": torch.ones(2)}
+    >>> report = delta_report(before, {"a": torch.tensor([3.0, 4.0]), "b": torch.ones(2)})
+    >>> [(r.name, r.l2, r.moved) for r in report.rows], report.l2
+    ([('a', 5.0, True), ('b', 0.0, False)], 5.0)
+    >>> print(report.diagnosis())
+    1 of 2 tensor(s) did not move:
+    - 'b': cause unknown
+    """
+
+    rows: tuple[TensorDelta, ...]
+    l2: float
+    max_abs: float
+
+    @property
+    def unmoved(self) -> list[TensorDelta]:
+        return [r for r in self.rows if not r.moved]
+
+    def diagnosis(self) -> str:
+        """Which tensors did not move, grouped by the likely cause."""
+        unmoved = self.unmoved
+        if not unmoved:
+            return f"all {len(self.rows)} tensor(s) moved"
+        by_cause: dict[str | None, list[TensorDelta]] = {}
+        for row in unmoved:
+            by_cause.setdefault(row.cause, []).append(row)
+        lines = [f"{len(unmoved)} of {len(self.rows)} tensor(s) did not move:"]
+        for cause, rows in by_cause.items():
+            why = CAUSES[cause].format(dtype=rows[0].dtype) if cause else "cause unknown"
+            lines.append(f"- {_first([repr(r.name) for r in rows], limit=4)}: {why}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"l2": self.l2, "max_abs": self.max_abs, "rows": [asdict(r) for r in self.rows]}
+
+    def __str__(self) -> str:
+        width = max([len("tensor"), *(len(r.name) for r in self.rows)])
+        head = (
+            f"{'tensor':<{width}}  {'shape':>14}  {'dtype':>8}  {'L2':>10}  {'max|Δ|':>10}  "
+            f"{'rel':>9}  {'unchanged':>9}  moved"
+        )
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(
+                f"{r.name:<{width}}  {str(r.shape):>14}  {r.dtype:>8}  {r.l2:>10.3e}  "
+                f"{r.max_abs:>10.3e}  {r.rel:>9.2e}  {r.unchanged:>8.1%}  "
+                + ("yes" if r.moved else "NO")
+            )
+        lines.append(f"total: L2 {self.l2:.6e}, max|Δ| {self.max_abs:.6e}")
+        return "\n".join(lines) + "\n" + self.diagnosis()
+
+
+def _partner(name: str) -> str | None:
+    """The other LoRA factor of the same layer, if ``name`` is one."""
+    for a, b in (("lora_A.", "lora_B."), ("lora_embedding_A.", "lora_embedding_B.")):
+        if a in name:
+            return name.replace(a, b)
+        if b in name:
+            return name.replace(b, a)
+    return None
+
+
+def _cause(name: str, after: torch.Tensor, before: Mapping[str, torch.Tensor]) -> str | None:
+    live = isinstance(after, nn.Parameter)  # a plain tensor says nothing of flags or grads
+    if live and not after.requires_grad:
+        return "frozen"
+    partner = _partner(name)
+    if partner in before and not before[partner].any():
+        return "zero-init partner"
+    if not live:
+        return None
+    grad = after.grad
+    if grad is None or not grad.any():
+        return "no gradient"
+    return "rounded away" if after.dtype in LOW_PRECISION else "not stepped"
+
+
+def delta_report(
+    before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor], /
+) -> DeltaReport:
+    """Per-tensor figures of ``after - before``, and the likely cause for each tensor that did
+    not move.
+
+    Args:
+        before: a state dict, e.g. from :func:`capture_trainable`.
+        after: ``dict(model.named_parameters())``, whose ``requires_grad`` and ``.grad`` tell the
+            causes (call it before ``optimizer.zero_grad()``); or any state dict. Only names
+            of ``before`` found in ``after`` count.
+
+    Returns:
+        A :class:`DeltaReport`, rows in ``before``'s order, figures in float64.
+
+    >>> import torch
+    >>> layer = torch.nn.Linear(2, 1)
+    >>> before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    >>> _ = layer.bias.requires_grad_(False)  # frozen by mistake
+    >>> print(delta_report(before, dict(layer.named_parameters())).diagnosis())
+    2 of 2 tensor(s) did not move:
+    - 'weight': its gradient is zero or absent: ...
+    - 'bias': frozen (requires_grad=False): the optimizer cannot move it
+    """
+    rows, sq, max_abs = [], 0.0, 0.0
+    for name, b in before.items():
+        if name not in after:
+            continue
+        a = after[name]
+        if a.shape != b.shape:
+            raise ValueError(
+                f"delta_report: shape mismatch for {name!r}: before {tuple(b.shape)}, "
+                f"after {tuple(a.shape)}"
+            )
+        b64 = b.detach().to(a.device, torch.float64)
+        d = a.detach().to(torch.float64) - b64
+        l2 = float(torch.linalg.vector_norm(d)) if d.numel() else 0.0
+        mx = float(d.abs().max()) if d.numel() else 0.0
+        norm0 = float(torch.linalg.vector_norm(b64)) if d.numel() else 0.0
+        rel = l2 / norm0 if norm0 else (math.inf if l2 else 0.0)
+        same = a.detach() == b.detach().to(a.device)
+        unchanged = float(same.float().mean()) if same.numel() else 1.0
+        moved = mx > 0 or math.isnan(mx)
+        rows.append(
+            TensorDelta(
+                name,
+                tuple(a.shape),
+                str(a.dtype).removeprefix("torch."),
+                l2,
+                mx,
+                rel,
+                unchanged,
+                moved,
+                None if moved else _cause(name, a, before),
+            )
+        )
+        sq += l2 * l2
+        max_abs = max(max_abs, mx)
+    return DeltaReport(tuple(rows), math.sqrt(sq), max_abs)

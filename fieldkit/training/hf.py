@@ -1,0 +1,124 @@
+"""``transformers.Trainer`` callbacks (TRL's trainers subclass it, so they work there too).
+
+Importing this module imports transformers; ``import fieldkit.training`` never does.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from ._snapshot import LoraReferenceSnapshot
+from ._state import _check_alpha
+from ._tracker import WeightDeltaTracker
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover - exercised in a subprocess by the import tests
+    raise ImportError(
+        "fieldkit.training.hf needs transformers: pip install transformers "
+        "(or pip install 'fieldkit[peft]')"
+    ) from None
+
+PREFIX = "weight_delta/"
+
+
+class WeightDeltaCallback(TrainerCallback):
+    """Log how far the trainable weights moved, and warn once when an optimizer step moved none.
+
+    On every training log it adds, to the logs and to ``trainer.state.log_history``:
+
+    - ``weight_delta/l2``, ``weight_delta/max_abs``: since the previous training log;
+    - ``weight_delta/l2_since_start``, ``weight_delta/max_abs_since_start``: since training
+      began;
+    - ``weight_delta/unmoved_tensors``: how many trainable tensors did not move since the
+      previous training log.
+
+    After each optimizer step it checks that step moved something; the first step that moved
+    nothing raises a ``UserWarning`` carrying :meth:`WeightDeltaTracker.report`'s diagnosis
+    (learning rate 0, frozen, rounded away, ...). Set ``check_steps=False`` to skip that check
+    (it costs one delta and one copy of the adapter per step until it fires).
+
+    Trainer runs the callbacks in order and puts those of ``report_to`` first; to have them log
+    these figures too, put this callback first: ``WeightDeltaCallback().install(trainer)``.
+
+    >>> callback = WeightDeltaCallback()     # Trainer(..., callbacks=[callback])
+    """
+
+    def __init__(self, *, check_steps: bool = True):
+        self.check_steps = check_steps
+        self._start: WeightDeltaTracker | None = None
+        self._since_log: WeightDeltaTracker | None = None
+        self._since_step: WeightDeltaTracker | None = None
+
+    def install(self, trainer) -> WeightDeltaCallback:
+        """Put this callback first in ``trainer``'s list, before the reporters, and return it."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        return self
+
+    def on_train_begin(self, args, state, control, model: nn.Module = None, **kwargs):
+        self._start = WeightDeltaTracker(model)
+        self._since_log = WeightDeltaTracker(model)
+        self._since_step = WeightDeltaTracker(model) if self.check_steps else None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        tracker = self._since_step
+        if tracker is None or not len(tracker):
+            return
+        _, max_abs = tracker.delta()
+        if max_abs == 0.0:
+            warnings.warn(
+                f"WeightDeltaCallback: optimizer step {state.global_step + 1} moved none of the "
+                f"{len(tracker)} trainable tensors. {tracker.report().diagnosis()}",
+                UserWarning,
+                stacklevel=2,
+            )
+            self._since_step = None  # once
+        else:
+            tracker.reset()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._start is None or logs is None or any(k.startswith("eval_") for k in logs):
+            return
+        report = self._since_log.report()
+        l2_total, max_total = self._start.delta()
+        figures = {
+            f"{PREFIX}l2": report.l2,
+            f"{PREFIX}max_abs": report.max_abs,
+            f"{PREFIX}l2_since_start": l2_total,
+            f"{PREFIX}max_abs_since_start": max_total,
+            f"{PREFIX}unmoved_tensors": len(report.unmoved),
+        }
+        logs.update(figures)
+        # Trainer appended a copy of the logs to the history just before calling on_log.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(figures)
+        self._since_log.reset()
+
+
+class ReferenceSyncCallback(TrainerCallback):
+    """Soft (or hard) reference updates for a :class:`LoraReferenceSnapshot` during training:
+    every ``every`` optimizer steps, ``ref ← (1 − alpha)·ref + alpha·policy``.
+
+    The PEFT counterpart of TRL's ``sync_ref_model`` (``ref_model_mixup_alpha`` =
+    ``alpha``, ``ref_model_sync_steps`` = ``every``), which raises ``NotImplementedError`` for
+    PEFT models. ``alpha=1`` re-takes the snapshot (a hard sync).
+
+    >>> import torch
+    >>> snap = LoraReferenceSnapshot(torch.nn.Linear(2, 2))
+    >>> callback = ReferenceSyncCallback(snap, alpha=0.6, every=512)
+    """
+
+    def __init__(self, snapshot: LoraReferenceSnapshot, *, alpha: float, every: int):
+        _check_alpha("ReferenceSyncCallback", alpha)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"ReferenceSyncCallback: every must be an int >= 1, got {every!r}")
+        self.snapshot, self.alpha, self.every = snapshot, alpha, every
+
+    def on_step_end(self, args, state, control, model: nn.Module = None, **kwargs):
+        if state.global_step % self.every == 0:
+            self.snapshot.update_(model, self.alpha)

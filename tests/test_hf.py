@@ -1,0 +1,134 @@
+"""The Trainer callbacks, in real transformers.Trainer runs on a tiny peft model (CPU)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import transformers
+from helpers import VOCAB, peft_model
+
+from fieldkit.training import LoraReferenceSnapshot, capture_trainable, weight_delta
+from fieldkit.training.hf import ReferenceSyncCallback, WeightDeltaCallback
+
+KEYS = ["l2", "max_abs", "l2_since_start", "max_abs_since_start", "unmoved_tensors"]
+
+
+def _data(n=8):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (n, 8), generator=g)
+    return [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
+
+
+def _trainer(tmp_path, model, callbacks, lr=1e-2, steps=4):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return transformers.Trainer(
+        model=model.train(), args=args, train_dataset=_data(), callbacks=callbacks
+    )
+
+
+class _Captures(transformers.TrainerCallback):
+    """Copies of the trainable weights at the start and at every training log, by hand."""
+
+    def __init__(self):
+        self.states, self.logs = [], []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.states.append(capture_trainable(model))
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if "loss" in logs:
+            self.states.append(capture_trainable(model))
+            self.logs.append(dict(logs))
+
+
+def test_figures_reach_log_history_and_match_a_hand_computation(tmp_path):
+    captures = _Captures()
+    trainer = _trainer(tmp_path, peft_model("linear", seed=2), [WeightDeltaCallback(), captures])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # every step moves: no warning
+        trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(history) == 4
+    states = captures.states
+    for i, entry in enumerate(history, start=1):
+        assert all(f"weight_delta/{k}" in entry for k in KEYS), entry
+        assert captures.logs[i - 1]["weight_delta/l2"] == entry["weight_delta/l2"]  # in logs too
+        since_log = weight_delta(states[i - 1], states[i])
+        since_start = weight_delta(states[0], states[i])
+        assert math.isclose(entry["weight_delta/l2"], since_log[0], rel_tol=1e-5)
+        assert math.isclose(entry["weight_delta/max_abs"], since_log[1], rel_tol=1e-6)
+        assert math.isclose(entry["weight_delta/l2_since_start"], since_start[0], rel_tol=1e-6)
+        assert entry["weight_delta/max_abs_since_start"] == since_start[1]
+        assert entry["weight_delta/unmoved_tensors"] == 0
+
+
+def test_learning_rate_zero_warns_once_and_names_the_cause(tmp_path):
+    trainer = _trainer(tmp_path, peft_model("linear", seed=2), [WeightDeltaCallback()], lr=0.0)
+    with pytest.warns(UserWarning, match="optimizer step 1 moved none of the 8") as record:
+        trainer.train()
+    ours = [w for w in record if "WeightDeltaCallback" in str(w.message)]
+    assert len(ours) == 1
+    assert "learning rate 0" in str(ours[0].message)
+    last = [h for h in trainer.state.log_history if "loss" in h][-1]
+    assert last["weight_delta/unmoved_tensors"] == 8 and last["weight_delta/l2_since_start"] == 0
+
+
+def test_install_puts_the_callback_before_the_reporters(tmp_path):
+    reporter = _Captures()
+    trainer = _trainer(tmp_path, peft_model("linear", seed=2), [reporter], steps=2)
+    callback = WeightDeltaCallback(check_steps=False).install(trainer)
+    assert trainer.callback_handler.callbacks[0] is callback
+    assert (
+        callback.install(trainer) is callback
+        and trainer.callback_handler.callbacks.count(callback) == 1
+    )
+    trainer.train()
+    assert all("weight_delta/l2" in logs for logs in reporter.logs)
+
+
+def test_reference_sync_callback_mixes_the_policy_in_every_n_steps(tmp_path):
+    model = peft_model("linear", seed=2)
+    snap = LoraReferenceSnapshot(model)
+    expected = {n: v.double().clone() for n, v in snap.state.items()}
+
+    class _Policy(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % 2 == 0:
+                live = capture_trainable(model)
+                for n in expected:
+                    expected[n] = 0.5 * expected[n] + 0.5 * live[n].double()
+
+    trainer = _trainer(
+        tmp_path, model, [ReferenceSyncCallback(snap, alpha=0.5, every=2), _Policy()]
+    )
+    trainer.train()
+    for n, v in snap.state.items():
+        torch.testing.assert_close(v.double(), expected[n], rtol=1e-6, atol=1e-7)
+    # alpha=1 every step: the reference is the final policy, exactly.
+    sync = ReferenceSyncCallback(snap, alpha=1.0, every=1)
+    _trainer(tmp_path, model, [sync], steps=1).train()
+    final = capture_trainable(model)
+    assert all(torch.equal(v, final[n]) for n, v in snap.state.items())
+
+
+def test_reference_sync_callback_checks_its_arguments():
+    snap = LoraReferenceSnapshot(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="alpha must be in"):
+        ReferenceSyncCallback(snap, alpha=2.0, every=1)
+    for every in (0, 1.5, True):
+        with pytest.raises(ValueError, match="every must be an int >= 1"):
+            ReferenceSyncCallback(snap, alpha=0.5, every=every)
