@@ -10,9 +10,11 @@ What it shows, end to end, on a model it builds itself (nothing is downloaded):
    log-probabilities computed inside ``with reference:``, between the policy forward and its
    backward. At step 0 the KL is exactly 0: the reference *is* the SFT adapter.
 4. ``WeightDeltaTracker`` proves each step moved the weights (since the start and since the
-   previous step).
+   previous step), and its ``report()`` ends the run with a per-tensor table.
+5. Every ``--sync-every`` steps, a soft reference update (TR-DPO): the snapshot moves
+   ``--mixup-alpha`` of the way towards the policy, ``reference.update_(policy, alpha)``.
 
-Run:  python examples/reference_kl_loop.py [--steps 8]
+Run:  python examples/reference_kl_loop.py [--steps 8] [--mixup-alpha 0.2 --sync-every 4]
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def completion_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(ids).logits[:, PROMPT_LEN - 1 : -1]
 
 
-def main(steps: int, beta: float, lr: float) -> None:
+def main(steps: int, beta: float, lr: float, mixup_alpha: float, sync_every: int) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as adapter_dir:
         sft(adapter_dir)
@@ -91,6 +93,7 @@ def main(steps: int, beta: float, lr: float) -> None:
 
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr)
     since_start = WeightDeltaTracker(policy)
+    this_step = WeightDeltaTracker(policy)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, VOCAB, (16, PROMPT_LEN), generator=generator)
 
@@ -100,7 +103,7 @@ def main(steps: int, beta: float, lr: float) -> None:
     print(header)
     print("-" * len(header))
     for step in range(steps):
-        this_step = WeightDeltaTracker(policy)
+        this_step.reset()  # measure this step only
         ids = sample(policy, prompts, generator)
         completion = ids[:, PROMPT_LEN:]
         reward = (completion < REWARDED).float().mean(dim=1)
@@ -128,6 +131,11 @@ def main(steps: int, beta: float, lr: float) -> None:
             # The reference is the adapter the policy started from: the first KL is exactly 0.
             assert kl.item() == 0.0, kl.item()
         assert step_l2 > 0, "the optimizer step did not move the weights"
+        if mixup_alpha and (step + 1) % sync_every == 0:
+            reference.update_(policy, mixup_alpha)  # TR-DPO: ref <- (1-a) ref + a policy
+            print(f"     reference <- {1 - mixup_alpha:g} * reference + {mixup_alpha:g} * policy")
+    print("\nper tensor, since the start:")
+    print(since_start.report())
     print(f"\ndone in {time.perf_counter() - start:.1f} s")
 
 
@@ -136,5 +144,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--beta", type=float, default=0.05, help="weight of the KL penalty")
     parser.add_argument("--lr", type=float, default=3e-2)
+    parser.add_argument("--mixup-alpha", type=float, default=0.2, help="0: a fixed reference")
+    parser.add_argument("--sync-every", type=int, default=4, help="steps between soft updates")
     args = parser.parse_args()
-    main(args.steps, args.beta, args.lr)
+    main(args.steps, args.beta, args.lr, args.mixup_alpha, args.sync_every)

@@ -12,7 +12,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_reference_kl_loop_runs():
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "reference_kl_loop.py"), "--steps", "3"],
+        [
+            sys.executable,
+            str(ROOT / "examples" / "reference_kl_loop.py"),
+            *("--steps", "3", "--sync-every", "2"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -24,6 +28,8 @@ def test_reference_kl_loop_runs():
     assert [int(r[0]) for r in rows] == [0, 1, 2]
     assert float(rows[0][2]) == 0.0  # step 0: the reference is the starting adapter
     assert all(float(r[4]) > 0 for r in rows)  # and every step moved the weights
+    assert sum("reference <- 0.8 * reference + 0.2 * policy" in line for line in lines) == 1
+    assert "all 16 tensor(s) moved" in lines
 
 
 def test_ci_runs_the_readme_test_command():

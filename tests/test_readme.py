@@ -1,0 +1,87 @@
+"""The README's examples run as written, on a tiny peft model and adapters saved by peft."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from helpers import TOKENS, peft_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+CLI_LINES = [
+    line
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    for line in block.splitlines()
+    if line.startswith("python -m fieldkit.training")
+]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Adapters where the README's examples look for them, written by save_pretrained."""
+    monkeypatch.chdir(tmp_path)
+    for name, seed in [("sft-init", 3), ("step-100", 4), ("step-200", 5)]:
+        peft_model("linear", seed=seed).save_pretrained(tmp_path / "adapters" / name)
+    return tmp_path
+
+
+def _namespace(tmp_path):
+    model = peft_model("linear", seed=2).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    dataset = [{"input_ids": t, "attention_mask": torch.ones_like(t), "labels": t} for t in TOKENS]
+    return {
+        "torch": torch,
+        "transformers": transformers,
+        "model": model,
+        "policy": model,
+        "optimizer": optimizer,
+        "batch": TOKENS,
+        "loader": [TOKENS, TOKENS.flip(0)],
+        "beta": 0.05,
+        "pg_loss": lambda logits, batch: F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch.reshape(-1)
+        ),
+        "kl": lambda p, q: F.kl_div(
+            q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="batchmean"
+        ),
+        "args": args,
+        "train_dataset": dataset,
+    }
+
+
+def test_the_readme_has_examples():
+    assert len(PYTHON_BLOCKS) >= 5 and len(CLI_LINES) == 3
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=lambda b: b.splitlines()[0][:40])
+def test_python_example_runs(block, workdir):
+    exec(compile(block, "README.md", "exec"), _namespace(workdir))
+
+
+@pytest.mark.parametrize("line", CLI_LINES)
+def test_cli_example_runs(line, workdir):
+    env = {
+        **os.environ,
+        "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    done = subprocess.run(
+        ["bash", "-c", line], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
