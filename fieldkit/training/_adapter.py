@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import _sharding as sharding
 from ._state import StateDict, _first, _host_copy, _keys
 
 # Config fields that change what the adapter's tensors compute: if the file and the live
@@ -249,9 +250,15 @@ def load_adapter_dict(
             f"Skipped file key(s): {_keys(skipped) or 'none'}. "
             f"Missing trainable parameter(s): {_keys(missing) or 'none'}."
         )
+    state = {}
     with _reading(fn, path):
         with safe_open(path, framework="pt", device="cpu") as f:
-            state = {n: _host_copy(f.get_tensor(k), like=params[n]) for k, n in wanted.items()}
+            for k, n in wanted.items():
+                like = sharding.local(params[n])
+                index = sharding.shard_index(params[n])
+                # A sharded (FSDP2) parameter reads only this rank's shard from the file.
+                value = f.get_tensor(k) if index is None else f.get_slice(k)[index]
+                state[n] = _host_copy(value, like=like)
     report = LoadReport(path, tuple(sorted(state)), skipped, missing)
     return dict(sorted(state.items())), report
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _sharding as sharding
+
 
 class Binding:
     """``names`` bound to ``params`` of ``model``; :meth:`current` says whether it still holds."""
@@ -33,10 +35,15 @@ class Binding:
             edges[id(module._parameters), leaf] = (module._parameters, leaf, param)
             self.params.append(param)
         self._edges = list(edges.values())
+        self.sharded = [sharding.is_sharded(p) for p in self.params]
+        self.fsdp = sharding.fsdp_modules(model) if any(self.sharded) else []
         self._signature = self._sign()
 
     def _sign(self) -> list[tuple]:
-        return [(p.shape, p.dtype, p.device, p.data_ptr()) for p in self.params]
+        return [
+            (p.shape, p.dtype, p.device, (sharding.local(p) if s else p).data_ptr())
+            for p, s in zip(self.params, self.sharded, strict=True)
+        ]
 
     def current(self) -> bool:
         """Whether every name still leads to the same parameter, with the same shape, dtype,

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ._state import _first
+from . import _sharding as sharding
+from ._state import _first, _shape
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -132,19 +133,21 @@ def _partner(name: str) -> str | None:
     return None
 
 
-def _cause(name: str, after: torch.Tensor, before: Mapping[str, torch.Tensor]) -> str | None:
+def _cause(after: torch.Tensor, grad_any: float, partner_zero: bool) -> str | None:
     live = isinstance(after, nn.Parameter)  # a plain tensor says nothing of flags or grads
     if live and not after.requires_grad:
         return "frozen"
-    partner = _partner(name)
-    if partner in before and not before[partner].any():
+    if partner_zero:
         return "zero-init partner"
     if not live:
         return None
-    grad = after.grad
-    if grad is None or not grad.any():
+    if not grad_any:
         return "no gradient"
     return "rounded away" if after.dtype in LOW_PRECISION else "not stepped"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return sharding.local(t) if sharding.is_sharded(t) else t.detach()
 
 
 def delta_report(
@@ -157,7 +160,8 @@ def delta_report(
         before: a state dict, e.g. from :func:`capture_trainable`.
         after: ``dict(model.named_parameters())``, whose ``requires_grad`` and ``.grad`` tell the
             causes (call it before ``optimizer.zero_grad()``); or any state dict. Only names
-            of ``before`` found in ``after`` count.
+            of ``before`` found in ``after`` count. Sharded (FSDP2) parameters give global
+            figures on every rank: every rank must call it then.
 
     Returns:
         A :class:`DeltaReport`, rows in ``before``'s order, figures in float64.
@@ -171,38 +175,59 @@ def delta_report(
     - 'weight': its gradient is zero or absent: ...
     - 'bias': frozen (requires_grad=False): the optimizer cannot move it
     """
+    names = [n for n in before if n in after]
+    bad = [n for n in names if _shape(before[n]) != _shape(after[n])]
+    if bad:
+        n = bad[0]
+        raise ValueError(
+            f"delta_report: shape mismatch for {n!r}: before {tuple(_shape(before[n]))}, "
+            f"after {tuple(_shape(after[n]))}"
+        )
+    # Per tensor, this rank's sums (squares of Δ, squares of before, equal elements, elements)
+    # and maxima (|Δ|, a non-zero gradient, a non-zero LoRA partner), combined over the shards.
+    sums, maxima, parts = [], [], {}
+    for i, name in enumerate(names):
+        a, b = _local(after[name]), _local(before[name]).to(_local(after[name]).device)
+        d = a.double() - b.double()
+        grad = after[name].grad if isinstance(after[name], nn.Parameter) else None
+        partner = _partner(name)
+        sums.append([d.square().sum(), b.double().square().sum(), (a == b).sum(), a.numel()])
+        maxima.append(
+            [
+                d.abs().max() if d.numel() else 0.0,
+                float(grad is not None and bool(_local(grad).any())),
+                float(partner not in before or bool(_local(before[partner]).any())),
+            ]
+        )
+        parts.setdefault(sharding.groups(after[name]), []).append(i)
+    sums_t = torch.tensor([[float(x) for x in row] for row in sums], dtype=torch.float64)
+    maxima_t = torch.tensor([[float(x) for x in row] for row in maxima], dtype=torch.float64)
+    for over, idx in parts.items():
+        if over:
+            device = _local(after[names[idx[0]]]).device
+            s, m = sums_t[idx].to(device), maxima_t[idx].to(device)
+            sharding.all_reduce(s, m, over)
+            sums_t[idx], maxima_t[idx] = s.cpu(), m.cpu()
     rows, sq, max_abs = [], 0.0, 0.0
-    for name, b in before.items():
-        if name not in after:
-            continue
-        a = after[name]
-        if a.shape != b.shape:
-            raise ValueError(
-                f"delta_report: shape mismatch for {name!r}: before {tuple(b.shape)}, "
-                f"after {tuple(a.shape)}"
-            )
-        b64 = b.detach().to(a.device, torch.float64)
-        d = a.detach().to(torch.float64) - b64
-        l2 = float(torch.linalg.vector_norm(d)) if d.numel() else 0.0
-        mx = float(d.abs().max()) if d.numel() else 0.0
-        norm0 = float(torch.linalg.vector_norm(b64)) if d.numel() else 0.0
-        rel = l2 / norm0 if norm0 else (math.inf if l2 else 0.0)
-        same = a.detach() == b.detach().to(a.device)
-        unchanged = float(same.float().mean()) if same.numel() else 1.0
+    for name, (sq_d, sq_b, equal, numel), (mx, grad_any, partner_any) in zip(
+        names, sums_t.tolist(), maxima_t.tolist(), strict=True
+    ):
+        l2, norm0 = math.sqrt(sq_d), math.sqrt(sq_b)
         moved = mx > 0 or math.isnan(mx)
+        cause = None if moved else _cause(after[name], grad_any, partner_any == 0.0)
         rows.append(
             TensorDelta(
                 name,
-                tuple(a.shape),
-                str(a.dtype).removeprefix("torch."),
+                tuple(after[name].shape),
+                str(after[name].dtype).removeprefix("torch."),
                 l2,
                 mx,
-                rel,
-                unchanged,
+                l2 / norm0 if norm0 else (math.inf if l2 else 0.0),
+                equal / numel if numel else 1.0,
                 moved,
-                None if moved else _cause(name, a, before),
+                cause,
             )
         )
-        sq += l2 * l2
+        sq += sq_d
         max_abs = max(max_abs, mx)
     return DeltaReport(tuple(rows), math.sqrt(sq), max_abs)

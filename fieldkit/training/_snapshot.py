@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from . import _sharding as sharding
 from ._adapter import LoadReport, load_adapter_dict
 from ._binding import Binding
 from ._state import (
@@ -17,6 +18,7 @@ from ._state import (
     _check_alpha,
     _check_mode,
     _check_usable,
+    _copied,
     _empty_like_packed,
     _pack,
     _stage,
@@ -95,16 +97,27 @@ class LoraReferenceSnapshot:
         self._source = source
         self._displaced: list[torch.Tensor] | None = None
         self._no_grad: torch.no_grad | None = None
+        self._binding: Binding | None = None
         self._take(state)
 
     def _take(self, state: Mapping[str, torch.Tensor]) -> None:
         """Check ``state`` against the model in full, then keep it packed on the CPU."""
+        if self._binding is not None:  # a re-check: sharded and unsharded never mix
+            was = any(self._binding.sharded)
+            if was != any(sharding.is_sharded(p) for p in self._model.parameters()):
+                raise ValueError(
+                    "LoraReferenceSnapshot: the snapshot was taken on the "
+                    f"{'sharded' if was else 'unsharded'} model, and the model is "
+                    f"{'unsharded' if was else 'sharded (FSDP2)'} now: take a new snapshot. "
+                    "Nothing was changed."
+                )
         bound = _bind("LoraReferenceSnapshot", self._model, state, "snapshot")
         names = [name for name, _, _ in bound]
-        params = [param for _, param, _ in bound]
-        self._values, self._packs = _pack([value for _, _, value in bound], params)
+        binding = Binding(self._model, names)
+        locals_ = [sharding.local(p) for p in binding.params]
+        self._values, self._packs = _pack([value for _, _, value in bound], locals_)
         self._state = dict(zip(names, self._values, strict=True))
-        self._binding = Binding(self._model, names)
+        self._binding = binding
         # Copy mode saves the live values here; kept between entries, since fresh host memory
         # costs a page fault per 4 KiB on first touch (on CUDA the caching allocator would
         # hold on to it anyway).
@@ -185,11 +198,12 @@ class LoraReferenceSnapshot:
         no_grad.__enter__()
         try:
             params = self._binding.params
-            if self.mode == "copy" and self._stash is None:
-                self._stash = _empty_like_packed(params)
-            self._displaced = _swap(
-                params, _stage(self._values, self._packs), self.mode, self._stash
-            )
+            if self._stash is None:
+                copied = zip(params, _copied(params, self.mode), strict=True)
+                self._stash = _empty_like_packed([sharding.local(p) for p, c in copied if c])
+            staged = _stage(self._values, self._packs)
+            sharding.reshard(self._binding.fsdp)  # no unsharded copy may outlive the swap
+            self._displaced = _swap(params, staged, self.mode, self._stash)
         except BaseException:
             no_grad.__exit__(None, None, None)
             raise
@@ -198,6 +212,7 @@ class LoraReferenceSnapshot:
 
     def __exit__(self, *exc_info) -> None:
         try:
+            sharding.reshard(self._binding.fsdp)
             _unswap(self._binding.params, self._displaced, self.mode)
         finally:
             self._displaced = None

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch._utils import _unflatten_dense_tensors
 
+from . import _sharding as sharding
+
 StateDict = dict[str, torch.Tensor]
 """A plain state dict: parameter name (as ``named_parameters()`` spells it) to tensor."""
 
@@ -31,12 +33,7 @@ def _unusable(param: torch.Tensor) -> str | None:
             "keep the adapter's parameters on a real device (e.g. a device_map that does not "
             "offload them to 'cpu'/'disk')"
         )
-    if type(param.data) is not torch.Tensor:
-        return (
-            f"a {type(param.data).__name__}, not a plain tensor; sharded or quantized "
-            "parameters are not supported"
-        )
-    return None
+    return sharding.unusable(param)
 
 
 def _check_usable(fn: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -85,7 +82,8 @@ def capture_trainable(model: nn.Module, /) -> StateDict:
     """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     _check_usable("capture_trainable", trainable)
-    return {name: _host_copy(param, like=param) for name, param in trainable}
+    locals_ = [(name, sharding.local(param)) for name, param in trainable]
+    return {name: _host_copy(value, like=value) for name, value in locals_}
 
 
 def _bind(fn: str, model: nn.Module, state: Mapping[str, torch.Tensor], arg: str):
@@ -105,11 +103,24 @@ def _bind(fn: str, model: nn.Module, state: Mapping[str, torch.Tensor], arg: str
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise TypeError(f"{fn}: {arg} values must be Tensors; not for key(s) {_keys(not_tensors)}")
+    bound = [(k, params[k], v) for k, v in state.items()]
+    _check_usable(fn, [(k, p) for k, p, _ in bound])
+    # A sharded parameter (FSDP2) takes values shaped like its local shard.
+    shapes = {
+        k: sharding.local(p).shape if sharding.is_sharded(p) else p.shape for k, p, _ in bound
+    }
+    full = [k for k, p, v in bound if sharding.is_sharded(p) and v.shape == p.shape != shapes[k]]
+    if full:
+        raise ValueError(
+            f"{fn}: {arg} holds full (unsharded) tensors for sharded (FSDP2) parameters "
+            f"{_keys(full)}; take the snapshot on the sharded model, or read it with from_disk, "
+            "which keeps this rank's shard. Nothing was changed."
+        )
     mismatched = [
         f"{k!r}: {arg} has {tuple(v.shape)} {v.dtype}, the model has "
-        f"{tuple(params[k].shape)} {params[k].dtype}"
-        for k, v in sorted(state.items())
-        if v.shape != params[k].shape or v.dtype != params[k].dtype
+        f"{tuple(shapes[k])} {p.dtype}" + (" (this rank's shard)" if sharding.is_sharded(p) else "")
+        for k, p, v in sorted(bound, key=lambda t: t[0])
+        if v.shape != shapes[k] or v.dtype != p.dtype
     ]
     if mismatched:
         raise ValueError(
@@ -117,8 +128,6 @@ def _bind(fn: str, model: nn.Module, state: Mapping[str, torch.Tensor], arg: str
             + _first(mismatched, sep="; ")
             + ". Nothing was changed."
         )
-    bound = [(k, params[k], v) for k, v in state.items()]
-    _check_usable(fn, [(k, p) for k, p, _ in bound])
     meta_values = [k for k, _, v in bound if v.is_meta]
     if meta_values:
         raise ValueError(f"{fn}: {arg} holds 'meta' tensors (no values) for {_keys(meta_values)}")
@@ -241,6 +250,12 @@ def _empty_like_packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def _copied(params: list[torch.Tensor], mode: Mode) -> list[bool]:
+    """Which parameters a swap copies into: all in ``"copy"`` mode, and sharded (FSDP2) ones
+    always, since FSDP2 all-gathers from its own shard storage."""
+    return [mode == "copy" or sharding.is_sharded(p) for p in params]
+
+
 def _swap(
     params: list[torch.Tensor],
     values: list[torch.Tensor],
@@ -248,41 +263,51 @@ def _swap(
     stash: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Put ``values`` (already on the parameters' devices) into ``params``; all or nothing.
-    Returns what :func:`_unswap` needs to undo it. ``stash``: where a ``"copy"`` swap saves the
-    live values (allocated here when not given)."""
-    datas = [p.data for p in params]
-    if not datas:
-        return []
-    if mode == "copy":
+    Returns what :func:`_unswap` needs to undo it. ``stash``: where the copied parameters'
+    live values are saved (allocated here when not given)."""
+    datas = [sharding.local(p) for p in params]
+    copied = [i for i, c in enumerate(_copied(params, mode)) if c]
+    displaced = list(datas)
+    if copied:
         # Writes go through `.data`, whose version counter is not the parameter's: a pending
         # backward stays valid, and sees the original values again after the restore.
-        stash = _empty_like_packed(datas) if stash is None else stash
-        torch._foreach_copy_(stash, datas)
+        targets = [datas[i] for i in copied]
+        saved = _empty_like_packed(targets) if stash is None else stash
+        torch._foreach_copy_(saved, targets)
         try:
-            torch._foreach_copy_(datas, values)
+            torch._foreach_copy_(targets, [values[i] for i in copied])
         except BaseException:
-            torch._foreach_copy_(datas, stash)
+            torch._foreach_copy_(targets, saved)
             raise
-        return stash
-    done = 0
+        for i, old in zip(copied, saved, strict=True):
+            displaced[i] = old
+    done: list[int] = []
+    skip = set(copied)
     try:
-        for param, value in zip(params, values, strict=True):
-            # Re-pointing `.data` leaves the parameter object, its requires_grad and its
-            # autograd version counter alone, so a pending backward stays valid.
-            param.data = value
-            done += 1
+        for i, param in enumerate(params):
+            if i not in skip:
+                # Re-pointing `.data` leaves the parameter object, its requires_grad and its
+                # autograd version counter alone, so a pending backward stays valid.
+                param.data = values[i]
+                done.append(i)
     except BaseException:
-        for param, old in zip(params[:done], datas[:done], strict=True):
-            param.data = old
+        for i in done:
+            params[i].data = datas[i]
+        if copied:
+            torch._foreach_copy_(targets, saved)
         raise
-    return datas
+    return displaced
 
 
 def _unswap(params: list[torch.Tensor], displaced: list[torch.Tensor], mode: Mode) -> None:
-    if mode == "copy" and params:
-        torch._foreach_copy_([p.data for p in params], displaced)
-    else:
-        for param, old in zip(params, displaced, strict=True):
+    copied = _copied(params, mode)
+    targets = [
+        (sharding.local(p), d) for p, d, c in zip(params, displaced, copied, strict=True) if c
+    ]
+    if targets:
+        torch._foreach_copy_([t for t, _ in targets], [d for _, d in targets])
+    for param, old, c in zip(params, displaced, copied, strict=True):
+        if not c:
             param.data = old
 
 
@@ -335,7 +360,9 @@ def swap_in(
     names, params, values = (list(x) for x in zip(*bound, strict=True)) if bound else ([], [], [])
     # Stage every value on its parameter's device before touching the model, so a failed copy
     # (out of memory, say) leaves the model untouched.
-    old = _swap(params, _to_devices(values, params), mode)
+    staged = _to_devices(values, params)
+    sharding.reshard(sharding.fsdp_modules(model))  # no unsharded copy may outlive the swap
+    old = _swap(params, staged, mode)
     displaced = Displaced(zip(names, old, strict=True))
     displaced.mode = mode
     return displaced
@@ -367,7 +394,9 @@ def restore(model: nn.Module, displaced: Mapping[str, torch.Tensor], /) -> None:
     _check_mode("restore", mode)
     bound = _bind("restore", model, displaced, "displaced")
     params = [p for _, p, _ in bound]
-    _unswap(params, _to_devices([v for _, _, v in bound], params), mode)
+    staged = _to_devices([v for _, _, v in bound], params)
+    sharding.reshard(sharding.fsdp_modules(model))
+    _unswap(params, staged, mode)
 
 
 def weight_delta(
@@ -398,9 +427,9 @@ def weight_delta(
     """
     pairs = [(k, b, after[k]) for k, b in before.items() if k in after]
     bad_shapes = [
-        f"{k!r}: before {tuple(b.shape)}, after {tuple(a.shape)}"
+        f"{k!r}: before {tuple(b.shape)}, after {tuple(_shape(a))}"
         for k, b, a in pairs
-        if b.shape != a.shape
+        if _shape(b) != _shape(a)
     ]
     if bad_shapes:
         raise ValueError("weight_delta: shape mismatch for " + _first(bad_shapes, sep="; "))
@@ -439,7 +468,31 @@ class _Run(NamedTuple):
     diff: torch.Tensor
 
 
-def _plan(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> list[_Run]:
+def _shape(t: torch.Tensor) -> torch.Size:
+    """The shape fieldkit works with: a sharded tensor's local shard's."""
+    return sharding.local(t).shape if sharding.is_sharded(t) else t.shape
+
+
+class _Part(NamedTuple):
+    """Pairs whose local figures combine the same way: summed over the process groups
+    ``over`` (sharded parameters), or taken as they are (``over == ()``)."""
+
+    over: tuple
+    device: torch.device
+    runs: list[_Run]
+
+
+def _plan(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> list[_Part]:
+    parts: dict[tuple, tuple[torch.device, list, list]] = {}
+    for b, a in zip(befores, afters, strict=True):
+        a_local, b_local = (sharding.local(t) if sharding.is_sharded(t) else t for t in (a, b))
+        _, bs, as_ = parts.setdefault(sharding.groups(a), (a_local.device, [], []))
+        bs.append(b_local.detach())
+        as_.append(a_local.detach())
+    return [_Part(over, device, _runs(bs, as_)) for over, (device, bs, as_) in parts.items()]
+
+
+def _runs(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> list[_Run]:
     """Group pairs by (device, compute dtype), cut each group into runs of at most CHUNK
     elements, and give each group one scratch buffer of its largest run."""
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -449,29 +502,47 @@ def _plan(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> list[_Run]
         wide = torch.float64 in (a.dtype, b.dtype) or not (
             a.dtype.is_floating_point and b.dtype.is_floating_point
         )
-        groups.setdefault((a.device, torch.float64 if wide else torch.float32), []).append(
-            (b.detach(), a.detach())
-        )
-    plan = []
+        groups.setdefault((a.device, torch.float64 if wide else torch.float32), []).append((b, a))
+    runs = []
     for (device, dtype), pairs in groups.items():
-        runs = list(_chunks(pairs))
-        scratch = torch.empty(max(n for _, n in runs), dtype=dtype, device=device)
-        for run, n in runs:
+        chunks = list(_chunks(pairs))
+        scratch = torch.empty(max(n for _, n in chunks), dtype=dtype, device=device)
+        for run, n in chunks:
             diff = scratch[:n]
             before = _span([b for b, _ in run])
             if before is None:
                 slices = _views(diff, [a for _, a in run])
                 before = [(d, b) for d, (b, _) in zip(slices, run, strict=True)]
-            plan.append(_Run(run, [a.reshape(-1) for _, a in run], before, diff))
-    return plan
+            runs.append(_Run(run, [a.reshape(-1) for _, a in run], before, diff))
+    return runs
 
 
-def _measure(plan: list[_Run]) -> tuple[float, float]:
-    """The work of :func:`weight_delta`, run by run: gather the ``after`` tensors into one small
-    buffer (``torch.cat``), subtract ``before``, then one min/max and one sum of squares. A few
-    ops per run instead of three per tensor, and the buffer stays in cache."""
+def _measure(plan: list[_Part]) -> tuple[float, float]:
+    """``(l2, max_abs)`` over every part; parts of sharded parameters are summed (and maxed)
+    over their process groups, so every rank gets the global figures. Every rank must call it:
+    it is a collective then."""
+    sq, max_abs = 0.0, 0.0
+    for part in plan:  # every part, on every rank, NaN or not: the collectives must match
+        s, m = _partial(part.runs)
+        if part.over:
+            s_t = torch.tensor([s], dtype=torch.float64, device=part.device)
+            m_t = torch.tensor([m], dtype=torch.float64, device=part.device)
+            sharding.all_reduce(s_t, m_t, part.over)
+            s, m = float(s_t), float(m_t)
+        sq += s
+        max_abs = m if math.isnan(m) else max(max_abs, m)
+    if math.isnan(sq) or math.isnan(max_abs):
+        return math.nan, math.nan
+    # Float32 squares can round the L2 a hair below max|Δ|, which it never is.
+    return max(math.sqrt(sq), max_abs), max_abs
+
+
+def _partial(runs: list[_Run]) -> tuple[float, float]:
+    """This rank's sum of squares and max|Δ|, run by run: gather the ``after`` tensors into one
+    small buffer (``torch.cat``), subtract ``before``, then one min/max and one sum of squares.
+    A few ops per run instead of three per tensor, and the buffer stays in cache."""
     results = []  # (run, sum of squares, (min, max)), read after all are queued
-    for run in plan:
+    for run in runs:
         d = torch.cat(run.afters, out=run.diff)
         if isinstance(run.before, torch.Tensor):
             d.sub_(run.before.to(d.device, non_blocking=True))
@@ -490,8 +561,7 @@ def _measure(plan: list[_Run]) -> tuple[float, float]:
             s = _sum_of_squares_f64(run.pairs)  # float32 squares would overflow or underflow
         sq += float(s)
         max_abs = max(max_abs, m)
-    # Float32 squares can round the L2 a hair below max|Δ|, which it never is.
-    return max(math.sqrt(sq), max_abs), max_abs
+    return sq, max_abs
 
 
 def _sum_of_squares_f64(run: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

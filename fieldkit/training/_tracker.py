@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _sharding as sharding
 from ._binding import Binding
 from ._report import DeltaReport, delta_report
 from ._state import _check_usable, _measure, _pack, _plan
@@ -41,8 +42,8 @@ class WeightDeltaTracker:
         self._model = model
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         _check_usable("WeightDeltaTracker", trainable)
-        params = [p for _, p in trainable]
-        self._before = dict(zip([n for n, _ in trainable], _pack(params, params)[0], strict=True))
+        locals_ = [sharding.local(p) for _, p in trainable]
+        self._before = dict(zip([n for n, _ in trainable], _pack(locals_, locals_)[0], strict=True))
         self._binding = Binding(model, list(self._before))
         self._plan = None  # made on the first delta(), with its scratch buffer
 
@@ -77,7 +78,7 @@ class WeightDeltaTracker:
         binding = self._bound()
         befores = [self._before[n] for n in binding.names]
         with torch.no_grad():
-            torch._foreach_copy_(befores, [p.detach() for p in binding.params])
+            torch._foreach_copy_(befores, [sharding.local(p) for p in binding.params])
 
     def __len__(self) -> int:
         return len(self._before)

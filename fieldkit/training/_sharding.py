@@ -1,0 +1,104 @@
+"""What sharded training changes: which tensor to read and write, FSDP2's unsharded copies,
+global sums, and what is refused.
+
+- FSDP2 (``fully_shard``): parameters are DTensors; each rank holds a shard. fieldkit reads and
+  writes the local shard (``p.to_local()``) in place: FSDP2 all-gathers from that storage, so
+  a re-pointed ``.data`` would never be seen. Around a swap every FSDP2 module is resharded,
+  so that no unsharded copy of the other weights outlives it (FSDP2 re-gathers on the next
+  forward or backward).
+- Global figures: a sum of squares is summed over the mesh dimensions a parameter is sharded
+  on; a max is taken over them. Replicated dimensions (DDP, HSDP's replica groups) already
+  hold the same values.
+- Refused, by name: DeepSpeed ZeRO-3 partitioned parameters, FSDP1 ``FlatParameter``s, DTensors
+  with a ``Partial`` placement.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+else:  # pragma: no cover - torch built without distributed
+    DTensor = Replicate = Shard = ()  # isinstance(x, ()) is False
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    return isinstance(param, DTensor)
+
+
+def local(param: torch.Tensor) -> torch.Tensor:
+    """The tensor fieldkit reads and writes for ``param``: its ``.data``, or for a DTensor its
+    local shard's. ``.data`` has its own autograd version counter, so writing through it
+    leaves a pending backward valid."""
+    if isinstance(param, DTensor):
+        return param.to_local().data
+    return param.data
+
+
+def unusable(param: torch.Tensor) -> str | None:
+    """Why fieldkit cannot read or swap ``param`` (a sentence fragment), or None."""
+    if hasattr(param, "ds_id"):
+        return (
+            "DeepSpeed ZeRO-3 partitioned parameters; gather them "
+            "(deepspeed.zero.GatheredParameters) or use ZeRO stage 1/2 or FSDP2 (fully_shard)"
+        )
+    if type(param).__name__ == "FlatParameter":
+        return "FSDP1 flat parameters (FullyShardedDataParallel); use FSDP2 (fully_shard)"
+    if isinstance(param, DTensor):
+        if all(isinstance(p, (Shard, Replicate)) for p in param.placements):
+            return None
+        return (
+            f"DTensors with placements {param.placements}; only Shard and Replicate are supported"
+        )
+    if type(param.data) is not torch.Tensor:
+        return (
+            f"a {type(param.data).__name__}, not a plain tensor; quantized parameters are not "
+            "supported"
+        )
+    return None
+
+
+def groups(param: torch.Tensor) -> tuple:
+    """The process groups to sum ``param``'s local figures over: one per mesh dimension it is
+    sharded on; () when every rank holds all of it."""
+    if not isinstance(param, DTensor):
+        return ()
+    mesh = param.device_mesh
+    return tuple(
+        mesh.get_group(dim) for dim, p in enumerate(param.placements) if isinstance(p, Shard)
+    )
+
+
+def shard_index(param: torch.Tensor) -> tuple[slice, ...] | None:
+    """Where this rank's shard of ``param`` sits in the full tensor; None when not sharded."""
+    if not isinstance(param, DTensor):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    if not torch.distributed.is_available():  # pragma: no cover
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(modules: list[nn.Module]) -> None:
+    """Free FSDP2's unsharded parameters; it all-gathers them again when next needed."""
+    for module in modules:
+        module.reshard()
+
+
+def all_reduce(sq: torch.Tensor, mx: torch.Tensor, over: tuple) -> None:
+    """Sum ``sq`` and max ``mx`` (one-element tensors) over each process group, in place."""
+    for group in over:
+        torch.distributed.all_reduce(sq, torch.distributed.ReduceOp.SUM, group=group)
+        torch.distributed.all_reduce(mx, torch.distributed.ReduceOp.MAX, group=group)
