@@ -84,17 +84,32 @@ def shard_index(param: torch.Tensor) -> tuple[slice, ...] | None:
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 modules of ``model``. FSDP1 is refused here: with ``use_orig_params=True`` its
+    parameters look plain but are flat-parameter views that it rewrites on every forward."""
     if not torch.distributed.is_available():  # pragma: no cover
         return []
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    modules = list(model.modules())
+    if any(isinstance(m, FullyShardedDataParallel) for m in modules):
+        raise ValueError(
+            "fieldkit does not support FSDP1 flat parameters (FullyShardedDataParallel); use "
+            "FSDP2 (torch.distributed.fsdp.fully_shard). Nothing was changed."
+        )
+    return [m for m in modules if isinstance(m, FSDPModule)]
 
 
 def reshard(modules: list[nn.Module]) -> None:
-    """Free FSDP2's unsharded parameters; it all-gathers them again when next needed."""
+    """Free FSDP2's unsharded parameters and register the sharded ones again (after a forward
+    FSDP2 keeps the root's unsharded until backward); it all-gathers them when next needed."""
     for module in modules:
         module.reshard()
+
+
+def settle(model: nn.Module) -> None:
+    """Put every FSDP2 module of ``model`` in its sharded state, so that
+    ``named_parameters()`` gives the sharded parameters fieldkit binds to."""
+    reshard(fsdp_modules(model))
 
 
 def all_reduce(sq: torch.Tensor, mx: torch.Tensor, over: tuple) -> None:

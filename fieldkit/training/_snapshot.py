@@ -78,8 +78,10 @@ class LoraReferenceSnapshot:
         mode: Mode = "pointer",
     ):
         if snapshot is None:
-            snapshot = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            _check_usable("LoraReferenceSnapshot", snapshot.items())
+            sharding.settle(model)
+            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            _check_usable("LoraReferenceSnapshot", trainable)
+            snapshot = {n: sharding.local(p) for n, p in trainable}
         self._setup(model, snapshot, mode, report=None, source="online")
 
     def _setup(
@@ -192,6 +194,7 @@ class LoraReferenceSnapshot:
                 "LoraReferenceSnapshot is already entered: one swap at a time per snapshot. "
                 "Leave the outer `with snap:` block first."
             )
+        sharding.reshard(self._binding.fsdp)  # FSDP2 registers its sharded parameters again
         if not self._binding.current():  # the model changed since: check it all again
             self._take(self._state)
         no_grad = torch.no_grad()
@@ -202,7 +205,6 @@ class LoraReferenceSnapshot:
                 copied = zip(params, _copied(params, self.mode), strict=True)
                 self._stash = _empty_like_packed([sharding.local(p) for p, c in copied if c])
             staged = _stage(self._values, self._packs)
-            sharding.reshard(self._binding.fsdp)  # no unsharded copy may outlive the swap
             self._displaced = _swap(params, staged, self.mode, self._stash)
         except BaseException:
             no_grad.__exit__(None, None, None)

@@ -80,6 +80,7 @@ def capture_trainable(model: nn.Module, /) -> StateDict:
     >>> state["weight"].data_ptr() != layer.weight.data_ptr()
     True
     """
+    sharding.settle(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     _check_usable("capture_trainable", trainable)
     locals_ = [(name, sharding.local(param)) for name, param in trainable]
@@ -92,6 +93,7 @@ def _bind(fn: str, model: nn.Module, state: Mapping[str, torch.Tensor], arg: str
         raise TypeError(
             f"{fn}: {arg} must be a mapping of name -> Tensor, got {type(state).__name__}"
         )
+    sharding.settle(model)
     params = dict(model.named_parameters())
     unexpected = [k for k in state if k not in params]
     if unexpected:
@@ -360,9 +362,7 @@ def swap_in(
     names, params, values = (list(x) for x in zip(*bound, strict=True)) if bound else ([], [], [])
     # Stage every value on its parameter's device before touching the model, so a failed copy
     # (out of memory, say) leaves the model untouched.
-    staged = _to_devices(values, params)
-    sharding.reshard(sharding.fsdp_modules(model))  # no unsharded copy may outlive the swap
-    old = _swap(params, staged, mode)
+    old = _swap(params, _to_devices(values, params), mode)
     displaced = Displaced(zip(names, old, strict=True))
     displaced.mode = mode
     return displaced
@@ -394,9 +394,7 @@ def restore(model: nn.Module, displaced: Mapping[str, torch.Tensor], /) -> None:
     _check_mode("restore", mode)
     bound = _bind("restore", model, displaced, "displaced")
     params = [p for _, p, _ in bound]
-    staged = _to_devices([v for _, _, v in bound], params)
-    sharding.reshard(sharding.fsdp_modules(model))
-    _unswap(params, staged, mode)
+    _unswap(params, _to_devices([v for _, _, v in bound], params), mode)
 
 
 def weight_delta(

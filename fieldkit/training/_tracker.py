@@ -40,6 +40,7 @@ class WeightDeltaTracker:
 
     def __init__(self, model: nn.Module):
         self._model = model
+        sharding.settle(model)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         _check_usable("WeightDeltaTracker", trainable)
         locals_ = [sharding.local(p) for _, p in trainable]
@@ -49,6 +50,7 @@ class WeightDeltaTracker:
 
     def _bound(self) -> Binding:
         # The plan holds views of the parameters' storage: make both again if anything moved.
+        sharding.reshard(self._binding.fsdp)  # FSDP2 registers its sharded parameters again
         if not self._binding.current():
             live = dict(self._model.named_parameters())
             self._binding = Binding(self._model, [n for n in self._before if n in live])

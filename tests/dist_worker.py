@@ -1,0 +1,214 @@
+"""One rank of a 2-process gloo run on CPU, started by test_distributed.py.
+
+    python tests/dist_worker.py SCENARIO OUT_DIR   (RANK, WORLD_SIZE, MASTER_ADDR/PORT in env)
+
+Each scenario asserts on this rank and writes what the ranks must agree on to
+OUT_DIR/rank<R>.json; the test compares the two files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from helpers import TOKENS, bits, logits, peft_model, perturb
+
+from fieldkit.training import (
+    LoraReferenceSnapshot,
+    WeightDeltaTracker,
+    capture_trainable,
+    weight_delta,
+)
+from fieldkit.training import _sharding as sharding
+
+R = 3  # LoRA rank 3: lora_A is (3, 16), split 2 + 1 over two ranks (uneven shards)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _fingerprint(model) -> dict:
+    sharding.settle(model)  # FSDP2 keeps the root's unsharded parameters after a forward
+    return {n: (p, bits(_local(p)).clone()) for n, p in model.named_parameters()}
+
+
+def _assert_unchanged(model, before: dict) -> None:
+    sharding.settle(model)
+    for name, p in model.named_parameters():
+        assert p is before[name][0], f"{name}: parameter object replaced"
+        assert torch.equal(bits(_local(p)), before[name][1]), f"{name}: value changed"
+
+
+def _grads(model) -> list[torch.Tensor]:
+    return [_local(p.grad).clone() for p in model.parameters() if p.requires_grad]
+
+
+def _step(model, reference=None) -> list[torch.Tensor]:
+    """Policy forward, the reference forward in between, backward: the gradients."""
+    model.zero_grad(set_to_none=True)
+    out = model(TOKENS).logits
+    if reference is not None:
+        with reference:
+            model(TOKENS)
+    F.cross_entropy(out.reshape(-1, out.shape[-1]), TOKENS.reshape(-1)).backward()
+    return _grads(model)
+
+
+def _shard(model) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def fsdp2(out: Path) -> dict:
+    rank = dist.get_rank()
+    adapter_dir = out / f"ref-{rank}"  # the reference adapter, unsharded, saved by peft
+    peft_model("linear", seed=3, r=R).save_pretrained(adapter_dir)
+    expected_ref = logits(peft_model("linear", seed=3, r=R))
+
+    model = peft_model("linear", seed=2, r=R)
+    full_state = capture_trainable(model)
+    online_unsharded = LoraReferenceSnapshot(model)  # taken before sharding
+    _shard(model)
+    shards = {n: _local(p).shape for n, p in model.named_parameters() if p.requires_grad}
+    assert {s[0] for s in shards.values()} == {(2, 1)[rank], 8}  # lora_A's 3 rows: 2 + 1
+
+    # Sharded and unsharded never mix silently.
+    try:
+        LoraReferenceSnapshot(model, snapshot=full_state)
+        raise AssertionError("a full snapshot was accepted for a sharded model")
+    except ValueError as e:
+        assert "full (unsharded) tensors" in str(e), e
+    try:
+        with online_unsharded:
+            raise AssertionError("an unsharded snapshot was entered on the sharded model")
+    except ValueError as e:
+        assert "taken on the unsharded model" in str(e), e
+
+    figures = {}
+    for mode in ("pointer", "copy"):
+        expected_online = logits(model)
+        online = LoraReferenceSnapshot(model, mode=mode)  # each rank keeps its shard
+        disk = LoraReferenceSnapshot.from_disk(model, adapter_dir, mode=mode)
+        held = sum(t.numel() for t in disk.state.values())
+        assert (
+            held
+            == sum(s.numel() for s in shards.values())
+            < sum(t.numel() for t in full_state.values())
+        )
+        assert all(disk.state[n].shape == s for n, s in shards.items())
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:  # a training step, different on each rank's shard
+                    _local(p).add_(0.01 * (rank + 1))
+        live = logits(model)
+        before = _fingerprint(model)
+        with disk:
+            got = logits(model)
+        torch.testing.assert_close(got, expected_ref, rtol=1e-6, atol=1e-6)
+        with online:
+            torch.testing.assert_close(logits(model), expected_online, rtol=0, atol=0)
+        _assert_unchanged(model, before)
+        torch.testing.assert_close(logits(model), live, rtol=0, atol=0)
+        # Policy forward -> reference forward -> backward: the gradients are unchanged.
+        plain, between = _step(model), _step(model, disk)
+        assert all(torch.equal(a, b) for a, b in zip(plain, between, strict=True))
+        _assert_unchanged(model, before)
+        figures[mode] = float((got - live).abs().max())
+
+    # Global figures: the delta of the gathered full tensors, on every rank.
+    tracker = WeightDeltaTracker(model)
+    start_full = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    start_local = capture_trainable(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                g = torch.Generator().manual_seed(rank)
+                _local(p).add_(torch.randn(_local(p).shape, generator=g))
+    now_full = {n: p.full_tensor() for n in start_full for p in [model.get_parameter(n)]}
+    expected = weight_delta(start_full, now_full)
+    got = tracker.delta()
+    assert math.isclose(got[0], expected[0], rel_tol=1e-6) and got[1] == expected[1], (
+        got,
+        expected,
+    )
+    assert weight_delta(start_local, dict(model.named_parameters())) == got
+    report = tracker.report()
+    for row in report.rows:
+        d = now_full[row.name].double() - start_full[row.name].double()
+        assert math.isclose(row.l2, float(d.norm()), rel_tol=1e-9), row
+        assert row.max_abs == float(d.abs().max()) and row.shape == tuple(d.shape)
+    return {"delta": got, "report_l2": report.l2, "swap_max_diff": figures}
+
+
+def ddp(out: Path) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = peft_model("linear", seed=2)
+    wrapped = DistributedDataParallel(model)
+    expected_ref = logits(model)
+    snap = LoraReferenceSnapshot(model)
+    tracker = WeightDeltaTracker(model)
+    perturb(model, seed=7)  # the same "training step" on every rank, as DDP keeps them
+    before = _fingerprint(model)
+    with snap:
+        torch.testing.assert_close(wrapped(TOKENS).logits, expected_ref, rtol=0, atol=0)
+    _assert_unchanged(model, before)
+
+    def step(reference=None):
+        model.zero_grad(set_to_none=True)
+        out = wrapped(TOKENS).logits
+        if reference is not None:
+            with reference, torch.no_grad():
+                wrapped(TOKENS)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), TOKENS.reshape(-1)).backward()
+        return _grads(model)
+
+    assert all(torch.equal(a, b) for a, b in zip(step(), step(snap), strict=True))
+    delta = tracker.delta()
+    assert delta[0] > 0
+
+    # FSDP1 is refused by name.
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for orig in (False, True):
+        fsdp1 = FullyShardedDataParallel(
+            torch.nn.Linear(4, 4), device_id=torch.device("cpu"), use_orig_params=orig
+        )
+        for use in (LoraReferenceSnapshot, WeightDeltaTracker, capture_trainable):
+            try:
+                use(fsdp1)
+                raise AssertionError(f"FSDP1 was accepted by {use.__name__}")
+            except ValueError as e:
+                assert "FSDP1 flat parameters" in str(e) and "fully_shard" in str(e), e
+    return {"delta": delta}
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    try:
+        result = {"fsdp2": fsdp2, "ddp": ddp}[scenario](out)
+        (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+    # torch 2.13's gloo can abort while the interpreter tears down its threads at exit
+    # ("terminate called without an active exception"): the work is done, so leave now.
+    sys.stdout.flush()
+    os._exit(0)

@@ -1,0 +1,66 @@
+"""Two ranks on CPU (gloo), started as two processes: FSDP2 and DDP keep every promise."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this torch is built without torch.distributed"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(scenario: str, out: Path, timeout: int = 300) -> list[dict]:
+    """Start both ranks; a hang fails the test after ``timeout`` seconds instead of stalling."""
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": "2",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), scenario, str(out)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{scenario}: the ranks did not finish in {timeout} s (a hang?)")
+    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_fsdp2_swaps_shards_and_reports_global_figures(tmp_path):
+    rank0, rank1 = _run("fsdp2", tmp_path)
+    assert rank0["delta"] == rank1["delta"] and rank0["delta"][0] > 0
+    assert rank0["report_l2"] == rank1["report_l2"]
+
+
+@pytest.mark.slow
+def test_ddp_works_as_on_one_device_and_fsdp1_is_refused(tmp_path):
+    rank0, rank1 = _run("ddp", tmp_path)
+    assert rank0["delta"] == rank1["delta"] and rank0["delta"][0] > 0
