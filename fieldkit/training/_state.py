@@ -1,4 +1,4 @@
-"""Pure functions over plain state dicts: capture, swap in, restore, measure."""
+"""Pure functions over plain state dicts: capture, swap in, restore, measure, soft-update."""
 
 from __future__ import annotations
 
@@ -406,7 +406,8 @@ def weight_delta(
     tensors of at most ``CHUNK`` elements: a few ops per run rather than per tensor, and extra
     memory bounded by one buffer of max(``CHUNK``, the largest tensor) elements. Float32 sums of
     squares are redone in float64 where they would overflow or underflow. NaN anywhere gives
-    ``(nan, nan)``.
+    ``(nan, nan)``. Sharded (FSDP2) tensors in ``after`` give the global figures on every rank:
+    it is a collective then, which every rank must call.
 
     Args:
         before: a state dict, e.g. from :func:`capture_trainable`.
