@@ -23,6 +23,8 @@ from fieldkit.training import (
     LoraReferenceSnapshot,
     WeightDeltaTracker,
     capture_trainable,
+    restore,
+    swap_in,
     weight_delta,
 )
 from fieldkit.training import _sharding as sharding
@@ -35,12 +37,12 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 def _fingerprint(model) -> dict:
-    sharding.settle(model)  # FSDP2 keeps the root's unsharded parameters after a forward
+    sharding.named_parameters(model)  # FSDP2 keeps the root's unsharded ones after a forward
     return {n: (p, bits(_local(p)).clone()) for n, p in model.named_parameters()}
 
 
 def _assert_unchanged(model, before: dict) -> None:
-    sharding.settle(model)
+    sharding.named_parameters(model)
     for name, p in model.named_parameters():
         assert p is before[name][0], f"{name}: parameter object replaced"
         assert torch.equal(bits(_local(p)), before[name][1]), f"{name}: value changed"
@@ -121,6 +123,10 @@ def fsdp2(out: Path) -> dict:
             torch.testing.assert_close(logits(model), expected_online, rtol=0, atol=0)
         _assert_unchanged(model, before)
         torch.testing.assert_close(logits(model), live, rtol=0, atol=0)
+        displaced = swap_in(model, disk.state, mode=mode)  # the pure functions, likewise
+        torch.testing.assert_close(logits(model), got, rtol=0, atol=0)
+        restore(model, displaced)
+        _assert_unchanged(model, before)
         # Policy forward -> reference forward -> backward: the gradients are unchanged.
         plain, between = _step(model), _step(model, disk)
         assert all(torch.equal(a, b) for a, b in zip(plain, between, strict=True))

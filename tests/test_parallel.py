@@ -57,3 +57,15 @@ def test_deepspeed_zero3_partitioned_parameters_are_refused_by_name():
         with pytest.raises(ValueError, match=r"'weight'.* DeepSpeed ZeRO-3 partitioned.*stage 1/2"):
             attempt(model)
     assert_unchanged(model, before)
+
+
+def test_the_one_walk_parameter_listing_equals_named_parameters_tied_weights_included():
+    from helpers import base_model
+
+    from fieldkit.training import _sharding
+
+    for model in (peft_model("embedding", seed=2), base_model(0, tie_word_embeddings=True)):
+        got = list(_sharding.named_parameters(model).items())
+        expected = list(model.named_parameters())
+        assert [n for n, _ in got] == [n for n, _ in expected]
+        assert all(a is b for (_, a), (_, b) in zip(got, expected, strict=True))

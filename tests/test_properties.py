@@ -12,6 +12,7 @@ from strategies import module_trees, state_pairs, states_for, tensors
 from fieldkit.training import (
     LoraReferenceSnapshot,
     WeightDeltaTracker,
+    _sharding,
     _state,
     capture_trainable,
     restore,
@@ -202,3 +203,11 @@ def test_a_bad_entry_anywhere_changes_nothing(data, mode):
     with pytest.raises(ValueError, match="Nothing was changed"):
         swap_in(model, state, mode=mode)
     assert_unchanged(model, before)
+
+
+@given(module_trees())
+def test_the_one_walk_parameter_listing_equals_named_parameters(model):
+    got = list(_sharding.named_parameters(model).items())
+    expected = list(model.named_parameters())
+    assert [n for n, _ in got] == [n for n, _ in expected]
+    assert all(a is b for (_, a), (_, b) in zip(got, expected, strict=True))

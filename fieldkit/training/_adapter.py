@@ -209,8 +209,7 @@ def load_adapter_dict(
     path = _weights_path(adapter_dir, adapter_name, weights_filename)
     _check_config(path, model.peft_config[adapter_name], adapter_name)
 
-    sharding.settle(model)
-    params = dict(model.named_parameters())
+    params = sharding.named_parameters(model)
     live_name = _file_key_map(model, adapter_name)
     from safetensors import safe_open
 

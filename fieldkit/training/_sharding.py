@@ -83,14 +83,15 @@ def shard_index(param: torch.Tensor) -> tuple[slice, ...] | None:
     return tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
 
 
-def fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    """The FSDP2 modules of ``model``. FSDP1 is refused here: with ``use_orig_params=True`` its
-    parameters look plain but are flat-parameter views that it rewrites on every forward."""
+def fsdp_modules(model: nn.Module, modules: list[nn.Module] | None = None) -> list[nn.Module]:
+    """The FSDP2 modules of ``model`` (or of ``modules``, its modules). FSDP1 is refused here:
+    with ``use_orig_params=True`` its parameters look plain but are flat-parameter views that
+    it rewrites on every forward."""
     if not torch.distributed.is_available():  # pragma: no cover
         return []
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    modules = list(model.modules())
+    modules = list(model.modules()) if modules is None else modules
     if any(isinstance(m, FullyShardedDataParallel) for m in modules):
         raise ValueError(
             "fieldkit does not support FSDP1 flat parameters (FullyShardedDataParallel); use "
@@ -106,10 +107,19 @@ def reshard(modules: list[nn.Module]) -> None:
         module.reshard()
 
 
-def settle(model: nn.Module) -> None:
-    """Put every FSDP2 module of ``model`` in its sharded state, so that
-    ``named_parameters()`` gives the sharded parameters fieldkit binds to."""
-    reshard(fsdp_modules(model))
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``dict(model.named_parameters())``, after putting every FSDP2 module in its sharded
+    state (so the sharded parameters are the registered ones), in one walk of the tree."""
+    modules = list(model.named_modules())
+    reshard(fsdp_modules(model, [m for _, m in modules]))
+    params: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for prefix, module in modules:
+        for name, param in module._parameters.items():
+            if param is not None and id(param) not in seen:  # shared: the first name, as torch
+                seen.add(id(param))
+                params[f"{prefix}.{name}" if prefix else name] = param
+    return params
 
 
 def all_reduce(sq: torch.Tensor, mx: torch.Tensor, over: tuple) -> None:

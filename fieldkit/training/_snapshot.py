@@ -78,8 +78,8 @@ class LoraReferenceSnapshot:
         mode: Mode = "pointer",
     ):
         if snapshot is None:
-            sharding.settle(model)
-            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            params = sharding.named_parameters(model)
+            trainable = [(n, p) for n, p in params.items() if p.requires_grad]
             _check_usable("LoraReferenceSnapshot", trainable)
             snapshot = {n: sharding.local(p) for n, p in trainable}
         self._setup(model, snapshot, mode, report=None, source="online")

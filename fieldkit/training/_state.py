@@ -80,8 +80,8 @@ def capture_trainable(model: nn.Module, /) -> StateDict:
     >>> state["weight"].data_ptr() != layer.weight.data_ptr()
     True
     """
-    sharding.settle(model)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = sharding.named_parameters(model)
+    trainable = [(n, p) for n, p in params.items() if p.requires_grad]
     _check_usable("capture_trainable", trainable)
     locals_ = [(name, sharding.local(param)) for name, param in trainable]
     return {name: _host_copy(value, like=value) for name, value in locals_}
@@ -93,8 +93,7 @@ def _bind(fn: str, model: nn.Module, state: Mapping[str, torch.Tensor], arg: str
         raise TypeError(
             f"{fn}: {arg} must be a mapping of name -> Tensor, got {type(state).__name__}"
         )
-    sharding.settle(model)
-    params = dict(model.named_parameters())
+    params = sharding.named_parameters(model)
     unexpected = [k for k in state if k not in params]
     if unexpected:
         raise ValueError(

@@ -40,8 +40,8 @@ class WeightDeltaTracker:
 
     def __init__(self, model: nn.Module):
         self._model = model
-        sharding.settle(model)
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = sharding.named_parameters(model)
+        trainable = [(n, p) for n, p in params.items() if p.requires_grad]
         _check_usable("WeightDeltaTracker", trainable)
         locals_ = [sharding.local(p) for _, p in trainable]
         self._before = dict(zip([n for n, _ in trainable], _pack(locals_, locals_)[0], strict=True))
@@ -52,7 +52,7 @@ class WeightDeltaTracker:
         # The plan holds views of the parameters' storage: make both again if anything moved.
         sharding.reshard(self._binding.fsdp)  # FSDP2 registers its sharded parameters again
         if not self._binding.current():
-            live = dict(self._model.named_parameters())
+            live = sharding.named_parameters(self._model)
             self._binding = Binding(self._model, [n for n in self._before if n in live])
             self._plan = None
         return self._binding
