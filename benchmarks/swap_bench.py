@@ -499,37 +499,15 @@ def main(argv: list[str] | None = None) -> dict:
     timer = Timer(args.device)
     fwd_rounds = 1 if args.quick else 3
 
+    r_big, r_small = (4, 2) if args.quick else (16, 8)
+    specs = [
+        ("default", big, torch.float32, r_big),
+        ("bfloat16", big, torch.bfloat16, r_big),
+        ("small", small, torch.float32, r_small),
+    ]
     cases = [
-        run_case(
-            "default",
-            big,
-            torch.float32,
-            4 if args.quick else 16,
-            args.device,
-            rounds,
-            timer,
-            fwd_rounds,
-        ),
-        run_case(
-            "bfloat16",
-            big,
-            torch.bfloat16,
-            4 if args.quick else 16,
-            args.device,
-            rounds,
-            timer,
-            fwd_rounds,
-        ),
-        run_case(
-            "small",
-            small,
-            torch.float32,
-            2 if args.quick else 8,
-            args.device,
-            rounds,
-            timer,
-            fwd_rounds,
-        ),
+        run_case(name, shape, dtype, r, args.device, rounds, timer, fwd_rounds)
+        for name, shape, dtype, r in specs
     ]
     sweep = []
     base = build_base(big, torch.float32, args.device)
