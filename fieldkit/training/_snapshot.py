@@ -19,8 +19,8 @@ from ._state import (
     _check_mode,
     _check_usable,
     _copied,
-    _empty_like_packed,
     _pack,
+    _packed,
     _stage,
     _swap,
     _unswap,
@@ -203,7 +203,7 @@ class LoraReferenceSnapshot:
             params = self._binding.params
             if self._stash is None:
                 copied = zip(params, _copied(params, self.mode), strict=True)
-                self._stash = _empty_like_packed([sharding.local(p) for p, c in copied if c])
+                self._stash = _packed([sharding.local(p) for p, c in copied if c], on_host=False)[0]
             staged = _stage(self._values, self._packs)
             self._displaced = _swap(params, staged, self.mode, self._stash)
         except BaseException:

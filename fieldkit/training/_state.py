@@ -69,8 +69,9 @@ def capture_trainable(model: nn.Module, /) -> StateDict:
         storage with the model. Empty when nothing is trainable.
 
     Raises:
-        ValueError: a trainable parameter is on the ``meta`` device (offloaded) or is not a
-            plain tensor; the message names them.
+        ValueError: a trainable parameter fieldkit cannot read (offloaded to ``meta``, FSDP1,
+            DeepSpeed ZeRO-3, quantized); the message names them. For a sharded (FSDP2)
+            parameter the copy is this rank's shard.
 
     >>> import torch
     >>> layer = torch.nn.Linear(2, 2)
@@ -190,23 +191,32 @@ Pack = tuple[torch.device, torch.Tensor, list[int]]
 """(target device, one flat buffer, the indices of the tensors that are views into it)."""
 
 
-def _pack(
-    values: list[torch.Tensor], likes: list[torch.Tensor]
-) -> tuple[list[torch.Tensor], list[Pack]]:
-    """Copy ``values`` to the CPU in ``likes``' dtypes, as views into one contiguous buffer per
-    (device, dtype) of ``likes`` (pinned for CUDA), so each group moves in one copy."""
-    out: list[torch.Tensor] = [None] * len(values)  # type: ignore[list-item]
+def _packed(likes: list[torch.Tensor], *, on_host: bool) -> tuple[list[torch.Tensor], list[Pack]]:
+    """Uninitialised tensors shaped like ``likes``: views into one buffer per (device, dtype)
+    of ``likes``, on that device, or on the CPU when ``on_host`` (pinned for CUDA, so that
+    each buffer moves to its device in one non-blocking copy)."""
+    out: list[torch.Tensor] = [None] * len(likes)  # type: ignore[list-item]
     packs: list[Pack] = []
     for (device, dtype), idx in _groups(likes).items():
         flat = torch.empty(
             sum(likes[i].numel() for i in idx),
             dtype=dtype,
-            device="cpu",
-            pin_memory=device.type == "cuda",
+            device="cpu" if on_host else device,
+            pin_memory=on_host and device.type == "cuda",
         )
         for i, view in zip(idx, _views(flat, [likes[i] for i in idx]), strict=True):
-            out[i] = view.copy_(values[i].detach())
+            out[i] = view
         packs.append((device, flat, idx))
+    return out, packs
+
+
+def _pack(
+    values: list[torch.Tensor], likes: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[Pack]]:
+    """CPU copies of ``values``, packed as :func:`_packed` lays out ``likes``."""
+    out, packs = _packed(likes, on_host=True)
+    for view, value in zip(out, values, strict=True):
+        view.copy_(value.detach())
     return out, packs
 
 
@@ -241,16 +251,6 @@ def _to_devices(values: list[torch.Tensor], params: list[torch.Tensor]) -> list[
     return _stage(out, packs)
 
 
-def _empty_like_packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Uninitialised tensors shaped like ``tensors``, views into one buffer per (device, dtype)."""
-    out: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    for (device, dtype), idx in _groups(tensors).items():
-        flat = torch.empty(sum(tensors[i].numel() for i in idx), dtype=dtype, device=device)
-        for i, view in zip(idx, _views(flat, [tensors[i] for i in idx]), strict=True):
-            out[i] = view
-    return out
-
-
 def _copied(params: list[torch.Tensor], mode: Mode) -> list[bool]:
     """Which parameters a swap copies into: all in ``"copy"`` mode, and sharded (FSDP2) ones
     always, since FSDP2 all-gathers from its own shard storage."""
@@ -273,7 +273,7 @@ def _swap(
         # Writes go through `.data`, whose version counter is not the parameter's: a pending
         # backward stays valid, and sees the original values again after the restore.
         targets = [datas[i] for i in copied]
-        saved = _empty_like_packed(targets) if stash is None else stash
+        saved = _packed(targets, on_host=False)[0] if stash is None else stash
         torch._foreach_copy_(saved, targets)
         try:
             torch._foreach_copy_(targets, [values[i] for i in copied])
@@ -330,6 +330,9 @@ def swap_in(
       first), for code that holds on to parameter storage: CUDA graphs, kernels that cache
       pointers. Three copies per round trip instead of at most one.
 
+    Sharded (FSDP2) parameters are always copied into the local shard, whatever the mode: FSDP2
+    all-gathers from that storage.
+
     Args:
         model: the live model.
         state: name -> tensor, keyed by ``named_parameters()`` names; a subset is fine. Shapes
@@ -341,8 +344,9 @@ def swap_in(
         for :func:`restore`.
 
     Raises:
-        ValueError: unknown names, shape or dtype mismatches, offloaded (``meta``) or sharded
-            parameters, an unknown mode. All-or-nothing: everything is checked before anything
+        ValueError: unknown names, shape or dtype mismatches, parameters fieldkit cannot swap
+            (offloaded to ``meta``, FSDP1, DeepSpeed ZeRO-3, quantized), an unknown mode.
+            All-or-nothing: everything is checked before anything
             is written, and after any error the model holds exactly what it held before.
         TypeError: ``state`` is not a mapping of tensors.
 
