@@ -133,6 +133,18 @@ def fsdp2(out: Path) -> dict:
         _assert_unchanged(model, before)
         figures[mode] = float((got - live).abs().max())
 
+    # A soft reference update mixes each rank's shards.
+    online = LoraReferenceSnapshot(model)
+    ref = {n: v.clone() for n, v in online.state.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                _local(p).add_(1.0)
+    online.update_(model, 0.5)
+    for n, v in online.state.items():
+        expected = 0.5 * ref[n].double() + 0.5 * _local(model.get_parameter(n)).double()
+        torch.testing.assert_close(v.double(), expected, rtol=1e-6, atol=1e-7)
+
     # Global figures: the delta of the gathered full tensors, on every rank.
     tracker = WeightDeltaTracker(model)
     start_full = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}

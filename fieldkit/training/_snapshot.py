@@ -50,10 +50,13 @@ class LoraReferenceSnapshot:
             is. ``"copy"``: the snapshot is copied into the parameters' own storage, and the
             live values back on exit (three copies); pick it when something holds on to the
             parameters' storage (CUDA graphs, ``torch.compile(mode="reduce-overhead")``).
+            Sharded (FSDP2) parameters are copied into the local shard in either mode; the
+            snapshot then holds this rank's shard.
 
     Raises:
         ValueError: unknown names, shape or dtype mismatches in ``snapshot``, or parameters fieldkit
-            cannot swap (offloaded to ``meta``, sharded); raised here, before any swap.
+            cannot swap (offloaded to ``meta``, FSDP1, DeepSpeed ZeRO-3, quantized); raised
+            here, before any swap.
         RuntimeError: entering a snapshot that is already entered.
 
     >>> import torch
@@ -176,7 +179,7 @@ class LoraReferenceSnapshot:
         if self.active:
             raise RuntimeError(f"{fn}: the snapshot is entered; update it outside `with snap:`")
         bound = _bind(fn, model, self._state, "snapshot")
-        soft_update_(self._state, {name: param for name, param, _ in bound}, alpha)
+        soft_update_(self._state, {name: sharding.local(p) for name, p, _ in bound}, alpha)
 
     def refresh(self, model: nn.Module) -> None:
         """Re-take the snapshot from ``model``'s current weights, in place (a hard reference
