@@ -53,6 +53,8 @@ def test_nothing_trainable_gives_zero_and_late_trainables_are_ignored():
     model.requires_grad_(False)
     tracker = WeightDeltaTracker(model)
     assert len(tracker) == 0 and tracker.delta() == (0.0, 0.0)
+    tracker.reset()
+    assert tracker.report().rows == () and "all 0 tensor(s) moved" in str(tracker.report())
     model.requires_grad_(True)
     with torch.no_grad():
         for p in model.parameters():

@@ -79,7 +79,7 @@ class WeightDeltaTracker:
         then measures from here."""
         binding = self._bound()
         befores = [self._before[n] for n in binding.names]
-        with torch.no_grad():
+        if befores:
             torch._foreach_copy_(befores, [sharding.local(p) for p in binding.params])
 
     def __len__(self) -> int:
