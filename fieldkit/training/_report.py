@@ -146,10 +146,6 @@ def _cause(after: torch.Tensor, grad_any: float, partner_zero: bool) -> str | No
     return "rounded away" if after.dtype in LOW_PRECISION else "not stepped"
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return sharding.local(t) if sharding.is_sharded(t) else t.detach()
-
-
 def delta_report(
     before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor], /
 ) -> DeltaReport:
@@ -187,7 +183,10 @@ def delta_report(
     # and maxima (|Δ|, a non-zero gradient, a non-zero LoRA partner), combined over the shards.
     sums, maxima, parts = [], [], {}
     for i, name in enumerate(names):
-        a, b = _local(after[name]), _local(before[name]).to(_local(after[name]).device)
+        a, b = (
+            sharding.local(after[name]),
+            sharding.local(before[name]).to(sharding.local(after[name]).device),
+        )
         d = a.double() - b.double()
         grad = after[name].grad if isinstance(after[name], nn.Parameter) else None
         partner = _partner(name)
@@ -195,8 +194,8 @@ def delta_report(
         maxima.append(
             [
                 d.abs().max() if d.numel() else 0.0,
-                float(grad is not None and bool(_local(grad).any())),
-                float(partner not in before or bool(_local(before[partner]).any())),
+                float(grad is not None and bool(sharding.local(grad).any())),
+                float(partner not in before or bool(sharding.local(before[partner]).any())),
             ]
         )
         parts.setdefault(sharding.groups(after[name]), []).append(i)
@@ -204,7 +203,7 @@ def delta_report(
     maxima_t = torch.tensor([[float(x) for x in row] for row in maxima], dtype=torch.float64)
     for over, idx in parts.items():
         if over:
-            device = _local(after[names[idx[0]]]).device
+            device = sharding.local(after[names[idx[0]]]).device
             s, m = sums_t[idx].to(device), maxima_t[idx].to(device)
             sharding.all_reduce(s, m, over)
             sums_t[idx], maxima_t[idx] = s.cpu(), m.cpu()

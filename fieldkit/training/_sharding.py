@@ -29,9 +29,9 @@ def is_sharded(param: torch.Tensor) -> bool:
 
 
 def local(param: torch.Tensor) -> torch.Tensor:
-    """The tensor fieldkit reads and writes for ``param``: its ``.data``, or for a DTensor its
-    local shard's. ``.data`` has its own autograd version counter, so writing through it
-    leaves a pending backward valid."""
+    """The tensor fieldkit reads and writes for ``param`` (any tensor): its ``.data``, or for a
+    DTensor its local shard's. ``.data`` has its own autograd version counter, so writing
+    through it leaves a pending backward valid."""
     if isinstance(param, DTensor):
         return param.to_local().data
     return param.data

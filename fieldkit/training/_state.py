@@ -108,9 +108,7 @@ def _bind(fn: str, model: nn.Module, state: Mapping[str, torch.Tensor], arg: str
     bound = [(k, params[k], v) for k, v in state.items()]
     _check_usable(fn, [(k, p) for k, p, _ in bound])
     # A sharded parameter (FSDP2) takes values shaped like its local shard.
-    shapes = {
-        k: sharding.local(p).shape if sharding.is_sharded(p) else p.shape for k, p, _ in bound
-    }
+    shapes = {k: _shape(p) for k, p, _ in bound}
     full = [k for k, p, v in bound if sharding.is_sharded(p) and v.shape == p.shape != shapes[k]]
     if full:
         raise ValueError(
@@ -472,7 +470,7 @@ class _Run(NamedTuple):
 
 def _shape(t: torch.Tensor) -> torch.Size:
     """The shape fieldkit works with: a sharded tensor's local shard's."""
-    return sharding.local(t).shape if sharding.is_sharded(t) else t.shape
+    return sharding.local(t).shape
 
 
 class _Part(NamedTuple):
@@ -487,10 +485,10 @@ class _Part(NamedTuple):
 def _plan(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> list[_Part]:
     parts: dict[tuple, tuple[torch.device, list, list]] = {}
     for b, a in zip(befores, afters, strict=True):
-        a_local, b_local = (sharding.local(t) if sharding.is_sharded(t) else t for t in (a, b))
+        a_local, b_local = sharding.local(a), sharding.local(b)
         _, bs, as_ = parts.setdefault(sharding.groups(a), (a_local.device, [], []))
-        bs.append(b_local.detach())
-        as_.append(a_local.detach())
+        bs.append(b_local)
+        as_.append(a_local)
     return [_Part(over, device, _runs(bs, as_)) for over, (device, bs, as_) in parts.items()]
 
 
