@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -59,16 +60,12 @@ def _config(path: str) -> dict | None:
         raise _BadInput(f"cannot read {config!r}: {e}") from None
 
 
-def _shape(t) -> list[int]:
-    return list(t.shape)
-
-
 def diff(a: str, b: str, top: int | None) -> tuple[dict, str]:
     path_a, sa = _read(a)
     path_b, sb = _read(b)
     common = [k for k in sa if k in sb and sa[k].shape == sb[k].shape]
     mismatched = [
-        {"key": k, "shape_a": _shape(sa[k]), "shape_b": _shape(sb[k])}
+        {"key": k, "shape_a": list(sa[k].shape), "shape_b": list(sb[k].shape)}
         for k in sa
         if k in sb and sa[k].shape != sb[k].shape
     ]
@@ -131,7 +128,7 @@ def inspect(adapter: str) -> tuple[dict, str]:
             ]
     except ValueError as e:
         raise _BadInput(str(e).removeprefix(f"{PROG}: ")) from None
-    numel = sum(_numel(t["shape"]) for t in tensors)
+    numel = sum(math.prod(t["shape"]) for t in tensors)
     config = _config(path)
     result = {"path": path, "tensors": tensors, "parameters": numel, "config": config}
     width = max([len("tensor"), *(len(t["key"]) for t in tensors)])
@@ -145,13 +142,6 @@ def inspect(adapter: str) -> tuple[dict, str]:
     lines.append(f"\n{'tensor':<{width}}  {'shape':>14}  dtype")
     lines += [f"{t['key']:<{width}}  {str(t['shape']):>14}  {t['dtype']}" for t in tensors]
     return result, "\n".join(lines)
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def main(argv: list[str] | None = None) -> int:
