@@ -91,15 +91,23 @@ def _weights_path(
     )
 
 
-def _check_config(path: str, live_config, adapter_name: str) -> None:
+def _saved_config(path: str, fn: str) -> dict | None:
+    """The ``adapter_config.json`` beside the weights file ``path``; None when there is none."""
     config_path = os.path.join(os.path.dirname(path), "adapter_config.json")
     if not os.path.isfile(config_path):
-        return
+        return None
     try:
         with open(config_path, encoding="utf-8") as f:
-            saved = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"load_adapter_dict: cannot read {config_path!r}: {e}") from None
+        raise ValueError(f"{fn}: cannot read {config_path!r}: {e}") from None
+
+
+def _check_config(path: str, live_config, adapter_name: str) -> None:
+    saved = _saved_config(path, "load_adapter_dict")
+    if saved is None:
+        return
+    config_path = os.path.join(os.path.dirname(path), "adapter_config.json")
     differ = [
         f"{field}: file {saved[field]!r}, live {getattr(live_config, field)!r}"
         for field in _FORWARD_FIELDS

@@ -15,26 +15,23 @@ import math
 import os
 import sys
 
-from ._adapter import _reading, _weights_path
+from ._adapter import _reading, _saved_config, _weights_path
 from ._report import delta_report
 from ._state import _first
 
 PROG = "python -m fieldkit.training"
 
 
-class _BadInput(Exception):
-    pass
+# What a bad path or file raises here (the messages name it); main() turns them into status 2.
+BAD_INPUT = (FileNotFoundError, ValueError)
 
 
 def _path(adapter: str) -> str:
     if os.path.isfile(adapter):
         return adapter
     if not os.path.exists(adapter):
-        raise _BadInput(f"{adapter!r}: no such file or directory")
-    try:
-        return _weights_path(adapter, "default", "adapter_model.safetensors", fn=PROG)
-    except FileNotFoundError as e:
-        raise _BadInput(str(e).removeprefix(f"{PROG}: ")) from None
+        raise FileNotFoundError(f"{adapter!r}: no such file or directory")
+    return _weights_path(adapter, "default", "adapter_model.safetensors", fn=PROG)
 
 
 def _read(adapter: str) -> tuple[str, dict]:
@@ -42,22 +39,8 @@ def _read(adapter: str) -> tuple[str, dict]:
     from safetensors.torch import load_file
 
     path = _path(adapter)
-    try:
-        with _reading(PROG, path):
-            return path, load_file(path)
-    except ValueError as e:
-        raise _BadInput(str(e).removeprefix(f"{PROG}: ")) from None
-
-
-def _config(path: str) -> dict | None:
-    config = os.path.join(os.path.dirname(path), "adapter_config.json")
-    if not os.path.isfile(config):
-        return None
-    try:
-        with open(config) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise _BadInput(f"cannot read {config!r}: {e}") from None
+    with _reading(PROG, path):
+        return path, load_file(path)
 
 
 def diff(a: str, b: str, top: int | None) -> tuple[dict, str]:
@@ -120,16 +103,13 @@ def inspect(adapter: str) -> tuple[dict, str]:
     from safetensors import safe_open
 
     path = _path(adapter)
-    try:
-        with _reading(PROG, path), safe_open(path, framework="pt") as f:
-            tensors = [
-                {"key": k, "shape": f.get_slice(k).get_shape(), "dtype": f.get_slice(k).get_dtype()}
-                for k in f.keys()  # noqa: SIM118 - safe_open is not a mapping
-            ]
-    except ValueError as e:
-        raise _BadInput(str(e).removeprefix(f"{PROG}: ")) from None
+    with _reading(PROG, path), safe_open(path, framework="pt") as f:
+        tensors = [
+            {"key": k, "shape": f.get_slice(k).get_shape(), "dtype": f.get_slice(k).get_dtype()}
+            for k in f.keys()  # noqa: SIM118 - safe_open is not a mapping
+        ]
     numel = sum(math.prod(t["shape"]) for t in tensors)
-    config = _config(path)
+    config = _saved_config(path, PROG)
     result = {"path": path, "tensors": tensors, "parameters": numel, "config": config}
     width = max([len("tensor"), *(len(t["key"]) for t in tensors)])
     lines = [f"{path}: {len(tensors)} tensors, {numel:,} parameters"]
@@ -163,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             result, text = diff(args.adapter_a, args.adapter_b, args.top)
         else:
             result, text = inspect(args.adapter)
-    except _BadInput as e:
-        print(f"{PROG} {args.command}: {e}", file=sys.stderr)
+    except BAD_INPUT as e:
+        print(f"{PROG} {args.command}: {str(e).removeprefix(f'{PROG}: ')}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else text)
     return 0
