@@ -167,7 +167,43 @@ def fsdp2(out: Path) -> dict:
         d = now_full[row.name].double() - start_full[row.name].double()
         assert math.isclose(row.l2, float(d.norm()), rel_tol=1e-9), row
         assert row.max_abs == float(d.abs().max()) and row.shape == tuple(d.shape)
-    return {"delta": got, "report_l2": report.l2, "swap_max_diff": figures}
+    properties = _random_shardings(rank)
+    return {"delta": got, "report_l2": report.l2, "swap_max_diff": figures, "props": properties}
+
+
+def _random_shardings(rank: int, cases: int = 6) -> list:
+    """Property checks over random ranks r (r=1: one rank holds an empty shard of lora_A) and
+    random training steps: round trip bit-identical on every rank, global delta equal to that
+    of the gathered full tensors. The same seeds on both ranks draw the same cases."""
+    out = []
+    for case in range(cases):
+        g = torch.Generator().manual_seed(1000 + case)
+        r = (1, 5)[case] if case < 2 else int(torch.randint(1, 9, (), generator=g))
+        mode = ("pointer", "copy")[case % 2]
+        model = peft_model("linear", seed=case, r=r)
+        _shard(model)
+        snap = LoraReferenceSnapshot(model, mode=mode)
+        tracker = WeightDeltaTracker(model)
+        start = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+        scale = float(torch.rand((), generator=g)) * 10 ** int(
+            torch.randint(-6, 1, (), generator=g)
+        )
+        with torch.no_grad():
+            for i, p in enumerate(model.parameters()):
+                if p.requires_grad:
+                    noise = torch.Generator().manual_seed(100 * case + 10 * rank + i)
+                    _local(p).add_(torch.randn(_local(p).shape, generator=noise) * scale)
+        before = _fingerprint(model)
+        with snap:
+            for n, v in snap.state.items():
+                assert torch.equal(bits(_local(model.get_parameter(n))), bits(v)), n
+        _assert_unchanged(model, before)
+        now = {n: model.get_parameter(n).full_tensor() for n in start}
+        expected, got = weight_delta(start, now), tracker.delta()
+        assert math.isclose(got[0], expected[0], rel_tol=1e-6), (r, got, expected)
+        assert got[1] == expected[1], (r, got, expected)
+        out.append([r, got[0], got[1]])
+    return out
 
 
 def ddp(out: Path) -> dict:

@@ -58,6 +58,8 @@ def test_fsdp2_swaps_shards_and_reports_global_figures(tmp_path):
     rank0, rank1 = _run("fsdp2", tmp_path)
     assert rank0["delta"] == rank1["delta"] and rank0["delta"][0] > 0
     assert rank0["report_l2"] == rank1["report_l2"]
+    assert rank0["props"] == rank1["props"] and len(rank0["props"]) == 6
+    assert 1 in {r for r, _, _ in rank0["props"]}  # one rank held an empty shard
 
 
 @pytest.mark.slow
