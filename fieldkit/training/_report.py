@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import _sharding as sharding
-from ._state import _first, _shape
+from ._state import _check_shapes, _first
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -172,13 +172,7 @@ def delta_report(
     - 'bias': frozen (requires_grad=False): the optimizer cannot move it
     """
     names = [n for n in before if n in after]
-    bad = [n for n in names if _shape(before[n]) != _shape(after[n])]
-    if bad:
-        n = bad[0]
-        raise ValueError(
-            f"delta_report: shape mismatch for {n!r}: before {tuple(_shape(before[n]))}, "
-            f"after {tuple(_shape(after[n]))}"
-        )
+    _check_shapes("delta_report", [(n, before[n], after[n]) for n in names])
     # Per tensor, this rank's sums (squares of Δ, squares of before, equal elements, elements)
     # and maxima (|Δ|, a non-zero gradient, a non-zero LoRA partner), combined over the shards.
     sums, maxima, parts = [], [], {}

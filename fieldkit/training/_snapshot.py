@@ -17,12 +17,12 @@ from ._state import (
     _bind,
     _check_alpha,
     _check_mode,
-    _check_usable,
     _copied,
     _pack,
     _packed,
     _stage,
     _swap,
+    _trainable,
     _unswap,
     soft_update_,
 )
@@ -81,10 +81,7 @@ class LoraReferenceSnapshot:
         mode: Mode = "pointer",
     ):
         if snapshot is None:
-            params = sharding.named_parameters(model)
-            trainable = [(n, p) for n, p in params.items() if p.requires_grad]
-            _check_usable("LoraReferenceSnapshot", trainable)
-            snapshot = {n: sharding.local(p) for n, p in trainable}
+            snapshot = dict(_trainable("LoraReferenceSnapshot", model))
         self._setup(model, snapshot, mode, report=None, source="online")
 
     def _setup(

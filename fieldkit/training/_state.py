@@ -81,11 +81,14 @@ def capture_trainable(model: nn.Module, /) -> StateDict:
     >>> state["weight"].data_ptr() != layer.weight.data_ptr()
     True
     """
-    params = sharding.named_parameters(model)
-    trainable = [(n, p) for n, p in params.items() if p.requires_grad]
-    _check_usable("capture_trainable", trainable)
-    locals_ = [(name, sharding.local(param)) for name, param in trainable]
-    return {name: _host_copy(value, like=value) for name, value in locals_}
+    return {name: _host_copy(v, like=v) for name, v in _trainable("capture_trainable", model)}
+
+
+def _trainable(fn: str, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(name, local tensor)`` of every trainable parameter, each checked to be usable."""
+    trainable = [(n, p) for n, p in sharding.named_parameters(model).items() if p.requires_grad]
+    _check_usable(fn, trainable)
+    return [(name, sharding.local(param)) for name, param in trainable]
 
 
 def _bind(fn: str, model: nn.Module, state: Mapping[str, torch.Tensor], arg: str):
@@ -426,13 +429,7 @@ def weight_delta(
     (5.0, 4.0)
     """
     pairs = [(k, b, after[k]) for k, b in before.items() if k in after]
-    bad_shapes = [
-        f"{k!r}: before {tuple(b.shape)}, after {tuple(_shape(a))}"
-        for k, b, a in pairs
-        if _shape(b) != _shape(a)
-    ]
-    if bad_shapes:
-        raise ValueError("weight_delta: shape mismatch for " + _first(bad_shapes, sep="; "))
+    _check_shapes("weight_delta", pairs)
     meta = [k for k, b, a in pairs if b.is_meta or a.is_meta]
     if meta:
         raise ValueError(f"weight_delta: no values to compare ('meta' tensors) for {_keys(meta)}")
@@ -471,6 +468,17 @@ class _Run(NamedTuple):
 def _shape(t: torch.Tensor) -> torch.Size:
     """The shape fieldkit works with: a sharded tensor's local shard's."""
     return sharding.local(t).shape
+
+
+def _check_shapes(fn: str, pairs, sides: tuple[str, str] = ("before", "after")) -> None:
+    """One ValueError naming every ``(key, x, y)`` whose (local) shapes differ."""
+    bad = [
+        f"{k!r}: {sides[0]} {tuple(_shape(x))}, {sides[1]} {tuple(_shape(y))}"
+        for k, x, y in pairs
+        if _shape(x) != _shape(y)
+    ]
+    if bad:
+        raise ValueError(f"{fn}: shape mismatch for " + _first(bad, sep="; "))
 
 
 class _Part(NamedTuple):
@@ -608,13 +616,9 @@ def soft_update_(
     missing = [k for k in reference if k not in policy]
     if missing:
         raise ValueError(f"soft_update_: policy has no value for {_keys(missing)}")
-    bad = [
-        f"{k!r}: reference {tuple(r.shape)}, policy {tuple(policy[k].shape)}"
-        for k, r in reference.items()
-        if r.shape != policy[k].shape
-    ]
-    if bad:
-        raise ValueError("soft_update_: shape mismatch for " + _first(bad, sep="; "))
+    _check_shapes(
+        "soft_update_", [(k, r, policy[k]) for k, r in reference.items()], ("reference", "policy")
+    )
     if alpha == 0.0:
         return
     with torch.no_grad():

@@ -8,7 +8,7 @@ from torch import nn
 from . import _sharding as sharding
 from ._binding import Binding
 from ._report import DeltaReport, delta_report
-from ._state import _check_usable, _measure, _pack, _plan
+from ._state import _measure, _pack, _plan, _trainable
 
 
 class WeightDeltaTracker:
@@ -24,7 +24,9 @@ class WeightDeltaTracker:
         model: the live model.
 
     Raises:
-        ValueError: a trainable parameter is offloaded (``meta``) or sharded.
+        ValueError: a trainable parameter fieldkit cannot read (offloaded to ``meta``, FSDP1,
+            DeepSpeed ZeRO-3, quantized). Under FSDP2 the snapshot is this rank's shard, and
+            ``delta()`` / ``report()`` are collectives that return global figures.
 
     >>> import torch
     >>> model = torch.nn.Linear(3, 1)
@@ -40,10 +42,8 @@ class WeightDeltaTracker:
 
     def __init__(self, model: nn.Module):
         self._model = model
-        params = sharding.named_parameters(model)
-        trainable = [(n, p) for n, p in params.items() if p.requires_grad]
-        _check_usable("WeightDeltaTracker", trainable)
-        locals_ = [sharding.local(p) for _, p in trainable]
+        trainable = _trainable("WeightDeltaTracker", model)
+        locals_ = [v for _, v in trainable]
         self._before = dict(zip([n for n, _ in trainable], _pack(locals_, locals_)[0], strict=True))
         self._binding = Binding(model, list(self._before))
         self._plan = None  # made on the first delta(), with its scratch buffer
