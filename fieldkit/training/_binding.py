@@ -4,7 +4,7 @@ The pure functions look every name up in ``model.named_parameters()`` on each ca
 the whole module tree (≈3 ms for a 32-layer Llama on a 2-core CPU, twice what copying its LoRA
 bytes costs). The classes call them every step, so they bind once and, before each use, check
 the path from the model to every bound parameter (``_modules`` / ``_parameters`` entries, one
-dict lookup per edge) and each parameter's shape, dtype, device and storage address. When
+dict lookup per edge) and each parameter's shape, dtype, device, strides and storage address. When
 anything changed — a module or parameter replaced, ``model.to(...)``, ``.data`` re-pointed —
 they bind again through the full checks.
 """
@@ -40,14 +40,15 @@ class Binding:
         self._signature = self._sign()
 
     def _sign(self) -> list[tuple]:
+        locals_ = (sharding.local(p) if s else p for p, s in zip(self.params, self.sharded))
         return [
-            (p.shape, p.dtype, p.device, (sharding.local(p) if s else p).data_ptr())
-            for p, s in zip(self.params, self.sharded, strict=True)
+            (p.shape, p.dtype, p.device, t.stride(), t.data_ptr())
+            for p, t in zip(self.params, locals_, strict=True)
         ]
 
     def current(self) -> bool:
         """Whether every name still leads to the same parameter, with the same shape, dtype,
-        device and storage."""
+        device, strides and storage."""
         return (
             all(d.get(key) is obj for d, key, obj in self._edges)
             and self._sign() == self._signature

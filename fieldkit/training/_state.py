@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch._utils import _unflatten_dense_tensors
 
+from . import _kernel
 from . import _sharding as sharding
 
 StateDict = dict[str, torch.Tensor]
@@ -483,30 +484,35 @@ def _check_shapes(fn: str, pairs, sides: tuple[str, str] = ("before", "after")) 
 
 class _Part(NamedTuple):
     """Pairs whose local figures combine the same way: summed over the process groups
-    ``over`` (sharded parameters), or taken as they are (``over == ()``)."""
+    ``over`` (sharded parameters), or taken as they are (``over == ()``). The ``fused`` pairs
+    go to the C kernel in one call, the ``runs`` through torch ops."""
 
     over: tuple
     device: torch.device
+    fused: list[tuple[torch.Tensor, torch.Tensor]]
     runs: list[_Run]
 
 
 def _plan(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> list[_Part]:
+    kernel = _kernel.library() is not None
     parts: dict[tuple, tuple[torch.device, list, list]] = {}
     for b, a in zip(befores, afters, strict=True):
         a_local, b_local = sharding.local(a), sharding.local(b)
-        _, bs, as_ = parts.setdefault(sharding.groups(a), (a_local.device, [], []))
-        bs.append(b_local)
-        as_.append(a_local)
-    return [_Part(over, device, _runs(bs, as_)) for over, (device, bs, as_) in parts.items()]
-
-
-def _runs(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> list[_Run]:
-    """Group pairs by (device, compute dtype), cut each group into runs of at most CHUNK
-    elements, and give each group one scratch buffer of its largest run."""
-    groups: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for b, a in zip(befores, afters, strict=True):
-        if a.numel() == 0:
+        _, fused, rest = parts.setdefault(sharding.groups(a), (a_local.device, [], []))
+        if a_local.numel() == 0:
             continue
+        (fused if kernel and _kernel.fusable(b_local, a_local) else rest).append((b_local, a_local))
+    return [
+        _Part(over, device, fused, _runs(rest))
+        for over, (device, fused, rest) in parts.items()
+    ]
+
+
+def _runs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[_Run]:
+    """Group (before, after) pairs by (device, compute dtype), cut each group into runs of at
+    most CHUNK elements, and give each group one scratch buffer of its largest run."""
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for b, a in pairs:
         wide = torch.float64 in (a.dtype, b.dtype) or not (
             a.dtype.is_floating_point and b.dtype.is_floating_point
         )
@@ -532,6 +538,9 @@ def _measure(plan: list[_Part]) -> tuple[float, float]:
     sq, max_abs = 0.0, 0.0
     for part in plan:  # every part, on every rank, NaN or not: the collectives must match
         s, m = _partial(part.runs)
+        if part.fused:
+            fs, fm = _kernel.measure(part.fused)
+            s, m = s + fs, m if math.isnan(m) else max(m, fm)
         if part.over:
             s_t = torch.tensor([s], dtype=torch.float64, device=part.device)
             m_t = torch.tensor([m], dtype=torch.float64, device=part.device)
