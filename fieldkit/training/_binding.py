@@ -4,8 +4,8 @@ The pure functions look every name up in ``model.named_parameters()`` on each ca
 the whole module tree (≈3 ms for a 32-layer Llama on a 2-core CPU, twice what copying its LoRA
 bytes costs). The classes call them every step, so they bind once and, before each use, check
 the path from the model to every bound parameter (``_modules`` / ``_parameters`` entries, one
-dict lookup per edge) and each parameter's shape, dtype, device, strides and storage address. When
-anything changed — a module or parameter replaced, ``model.to(...)``, ``.data`` re-pointed —
+dict lookup per edge) and each parameter's shape, dtype, device, strides and storage address.
+When anything changed — a module or parameter replaced, ``model.to(...)``, ``.data`` re-pointed —
 they bind again through the full checks.
 """
 
@@ -40,11 +40,11 @@ class Binding:
         self._signature = self._sign()
 
     def _sign(self) -> list[tuple]:
-        locals_ = (sharding.local(p) if s else p for p, s in zip(self.params, self.sharded))
-        return [
-            (p.shape, p.dtype, p.device, t.stride(), t.data_ptr())
-            for p, t in zip(self.params, locals_, strict=True)
-        ]
+        sign = []
+        for p, s in zip(self.params, self.sharded, strict=True):
+            t = sharding.local(p) if s else p
+            sign.append((p.shape, p.dtype, p.device, t.stride(), t.data_ptr()))
+        return sign
 
     def current(self) -> bool:
         """Whether every name still leads to the same parameter, with the same shape, dtype,

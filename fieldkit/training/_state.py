@@ -503,8 +503,7 @@ def _plan(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> list[_Part
             continue
         (fused if kernel and _kernel.fusable(b_local, a_local) else rest).append((b_local, a_local))
     return [
-        _Part(over, device, fused, _runs(rest))
-        for over, (device, fused, rest) in parts.items()
+        _Part(over, device, fused, _runs(rest)) for over, (device, fused, rest) in parts.items()
     ]
 
 
