@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import peft
+import pytest
 import torch
 import transformers
+
+from fieldkit.training import _kernel
 
 VOCAB = 64
 TOKENS = torch.tensor([[1, 5, 9, 2, 33, 17, 8, 63], [4, 4, 12, 40, 2, 7, 0, 11]])
@@ -89,3 +94,25 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
         assert param.data_ptr() == ptr, f"{name}: storage replaced"
         assert (param.requires_grad, param.dtype, param.device) == (requires_grad, dtype, device)
         assert torch.equal(bits(param), raw), f"{name}: value changed"
+
+
+# --- the two ways weight_delta computes on the CPU -----------------------------------------
+
+DELTA_PATHS = [
+    pytest.param(
+        "kernel",
+        marks=pytest.mark.skipif(
+            _kernel.library() is None, reason=f"no C kernel here: {_kernel.status()}"
+        ),
+    ),
+    "torch",
+]
+"""Parametrize a test over these, and run its body under :func:`delta_path`."""
+
+
+@contextlib.contextmanager
+def delta_path(path: str):
+    """weight_delta and WeightDeltaTracker through the C kernel, or through torch ops."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FIELDKIT_NO_KERNEL", "1" if path == "torch" else "0")
+        yield

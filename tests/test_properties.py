@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_unchanged, bits, fingerprint
+from helpers import DELTA_PATHS, assert_unchanged, bits, delta_path, fingerprint
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import module_trees, state_pairs, states_for, tensors
@@ -73,13 +73,15 @@ def _float64_delta(before, after):
     return math.sqrt(sq), mx
 
 
+@pytest.mark.parametrize("path", DELTA_PATHS)
 @given(state_pairs())
-def test_weight_delta_equals_a_float64_computation(pair):
-    before, after = pair
-    l2, max_abs = weight_delta(before, after)
-    ref_l2, ref_max = _float64_delta(before, after)
-    assert math.isclose(l2, ref_l2, rel_tol=1e-6, abs_tol=1e-30)
-    assert math.isclose(max_abs, ref_max, rel_tol=1e-6, abs_tol=1e-30)
+def test_weight_delta_equals_a_float64_computation(path, pair):
+    with delta_path(path):
+        before, after = pair
+        l2, max_abs = weight_delta(before, after)
+        ref_l2, ref_max = _float64_delta(before, after)
+        assert math.isclose(l2, ref_l2, rel_tol=1e-6, abs_tol=1e-30)
+        assert math.isclose(max_abs, ref_max, rel_tol=1e-6, abs_tol=1e-30)
 
 
 @given(state_pairs(), st.integers(1, 40), st.booleans())
@@ -92,7 +94,7 @@ def test_weight_delta_in_small_runs_and_packed_equals_a_float64_computation(pair
         views = torch.split(flat, [b.numel() for b in before.values()])
         before = {k: v.view(b.shape) for (k, b), v in zip(before.items(), views, strict=True)}
         after = {k: a.double() for k, a in after.items()}
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, delta_path("torch"):  # CHUNK is torch ops'
         patch.setattr(_state, "CHUNK", chunk)
         l2, max_abs = weight_delta(before, after)
     ref_l2, ref_max = _float64_delta(before, after)
@@ -100,68 +102,84 @@ def test_weight_delta_in_small_runs_and_packed_equals_a_float64_computation(pair
     assert math.isclose(max_abs, ref_max, rel_tol=1e-6, abs_tol=1e-30)
 
 
+@pytest.mark.parametrize("path", DELTA_PATHS)
 @given(st.data())
-def test_tracker_equals_weight_delta_over_random_trees(data):
-    model = data.draw(module_trees())
-    tracker = WeightDeltaTracker(model)
-    before = capture_trainable(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(data.draw(tensors(shape=p.shape, dtype=p.dtype, specials=False)))
-    live = dict(model.named_parameters())
-    got, expected = tracker.delta(), weight_delta(before, live)
-    assert got == expected or all(map(math.isnan, got + expected))  # NaN from the initial values
-    ref_l2, ref_max = _float64_delta(before, live)
-    if not math.isnan(ref_l2):
-        assert math.isclose(got[0], ref_l2, rel_tol=1e-6, abs_tol=1e-30)
-        assert math.isclose(got[1], ref_max, rel_tol=1e-6, abs_tol=1e-30)
+def test_tracker_equals_weight_delta_over_random_trees(path, data):
+    with delta_path(path):
+        model = data.draw(module_trees())
+        tracker = WeightDeltaTracker(model)
+        before = capture_trainable(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(data.draw(tensors(shape=p.shape, dtype=p.dtype, specials=False)))
+        live = dict(model.named_parameters())
+        got, expected = tracker.delta(), weight_delta(before, live)
+        assert got == expected or all(
+            map(math.isnan, got + expected)
+        )  # NaN from the initial values
+        ref_l2, ref_max = _float64_delta(before, live)
+        if not math.isnan(ref_l2):
+            assert math.isclose(got[0], ref_l2, rel_tol=1e-6, abs_tol=1e-30)
+            assert math.isclose(got[1], ref_max, rel_tol=1e-6, abs_tol=1e-30)
 
 
+@pytest.mark.parametrize("path", DELTA_PATHS)
 @given(st.sampled_from([1e-30, 1e-20, 1e20, 1e30]), st.integers(1, 3000))
-def test_weight_delta_survives_float32_overflow_and_underflow(scale, n):
-    before = {"w": torch.zeros(n)}
-    after = {"w": torch.full((n,), scale)}
-    l2, max_abs = weight_delta(before, after)
-    assert math.isclose(l2, math.sqrt(n) * float(torch.tensor(scale)), rel_tol=1e-6)
-    assert max_abs == float(torch.tensor(scale))
+def test_weight_delta_survives_float32_overflow_and_underflow(path, scale, n):
+    with delta_path(path):
+        before = {"w": torch.zeros(n)}
+        after = {"w": torch.full((n,), scale)}
+        l2, max_abs = weight_delta(before, after)
+        assert math.isclose(l2, math.sqrt(n) * float(torch.tensor(scale)), rel_tol=1e-6)
+        assert max_abs == float(torch.tensor(scale))
 
 
-def test_weight_delta_with_nan_is_nan():
-    l2, max_abs = weight_delta({"w": torch.zeros(3)}, {"w": torch.tensor([1.0, math.nan, 2.0])})
-    assert math.isnan(l2) and math.isnan(max_abs)
+@pytest.mark.parametrize("path", DELTA_PATHS)
+def test_weight_delta_with_nan_is_nan(path):
+    with delta_path(path):
+        l2, max_abs = weight_delta({"w": torch.zeros(3)}, {"w": torch.tensor([1.0, math.nan, 2.0])})
+        assert math.isnan(l2) and math.isnan(max_abs)
 
 
+@pytest.mark.parametrize("path", DELTA_PATHS)
 @given(state_pairs())
-def test_weight_delta_of_identical_states_is_zero(pair):
-    before, _ = pair
-    assert weight_delta(before, before) == (0.0, 0.0)
-    assert weight_delta(before, {k: v.clone() for k, v in before.items()}) == (0.0, 0.0)
+def test_weight_delta_of_identical_states_is_zero(path, pair):
+    with delta_path(path):
+        before, _ = pair
+        assert weight_delta(before, before) == (0.0, 0.0)
+        assert weight_delta(before, {k: v.clone() for k, v in before.items()}) == (0.0, 0.0)
 
 
+@pytest.mark.parametrize("path", DELTA_PATHS)
 @given(state_pairs())
-def test_weight_delta_is_symmetric(pair):
-    before, after = pair
-    assert weight_delta(before, after) == weight_delta(after, before)
+def test_weight_delta_is_symmetric(path, pair):
+    with delta_path(path):
+        before, after = pair
+        assert weight_delta(before, after) == weight_delta(after, before)
 
 
+@pytest.mark.parametrize("path", DELTA_PATHS)
 @given(state_pairs())
-def test_weight_delta_bounds(pair):
-    before, after = pair
-    l2, max_abs = weight_delta(before, after)
-    numel = sum(t.numel() for t in before.values())
-    assert max_abs <= l2 * (1 + 1e-12)
-    assert l2 <= math.sqrt(numel) * max_abs * (1 + 1e-6)
+def test_weight_delta_bounds(path, pair):
+    with delta_path(path):
+        before, after = pair
+        l2, max_abs = weight_delta(before, after)
+        numel = sum(t.numel() for t in before.values())
+        assert max_abs <= l2 * (1 + 1e-12)
+        assert l2 <= math.sqrt(numel) * max_abs * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("path", DELTA_PATHS)
 @given(state_pairs(), st.sets(st.text("abcxyz.", min_size=1, max_size=6)))
-def test_weight_delta_counts_only_names_found_in_after(pair, dropped):
-    before, after = pair
-    kept = {k: v for k, v in after.items() if k not in dropped}
-    expected = _float64_delta({k: before[k] for k in kept}, kept)
-    got = weight_delta(before, kept)
-    assert math.isclose(got[0], expected[0], rel_tol=1e-6, abs_tol=1e-30)
-    assert math.isclose(got[1], expected[1], rel_tol=1e-6, abs_tol=1e-30)
+def test_weight_delta_counts_only_names_found_in_after(path, pair, dropped):
+    with delta_path(path):
+        before, after = pair
+        kept = {k: v for k, v in after.items() if k not in dropped}
+        expected = _float64_delta({k: before[k] for k in kept}, kept)
+        got = weight_delta(before, kept)
+        assert math.isclose(got[0], expected[0], rel_tol=1e-6, abs_tol=1e-30)
+        assert math.isclose(got[1], expected[1], rel_tol=1e-6, abs_tol=1e-30)
 
 
 @given(st.data(), MODES)

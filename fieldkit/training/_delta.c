@@ -1,15 +1,16 @@
 /* fieldkit's fused weight delta: over many pairs of contiguous CPU arrays (a[k], b[k]) of
  * n[k] elements, the sum of (a - b)^2 and the max of |a - b|, in one pass over memory.
  *
- * Why C: the same sum in torch ops reads the scattered tensors into a buffer, then makes four
+ * Why C: the same sums in torch ops read the scattered tensors into a buffer, then make four
  * more passes over it (subtract, min/max, square, sum), one op call each. Here each element is
- * loaded once, the difference is taken in float32 (bfloat16 is widened first, exactly), and
- * squared and summed in float64, so the sum cannot overflow or underflow and the squares are
- * exact. Software prefetch keeps the two streams ahead of the loads; the work is split evenly
- * by elements across threads. Built with the system C compiler on first use and loaded with
- * ctypes by _kernel.py, which falls back to the torch path when there is no compiler.
+ * loaded once; the difference is taken in float32 (bfloat16 is widened first, exactly), then
+ * squared and summed in float64, so the squares are exact and the sum can neither overflow nor
+ * underflow. Software prefetch runs both streams ahead of the loads, and the threads share the
+ * work in small pieces.
  *
- * Portable C with GCC/Clang vector extensions: SSE2 on x86-64, NEON on aarch64, no -march.
+ * Portable C with GCC/Clang vector extensions (SSE2 on x86-64, NEON on aarch64, no -march);
+ * on x86-64 with glibc an AVX2 clone is picked at load time where the CPU has it. Built with
+ * the system C compiler on first use and loaded with ctypes by _kernel.py.
  * NaN anywhere makes the sum NaN (the max may miss it; the caller checks the sum). */
 #include <pthread.h>
 #include <stdint.h>
@@ -21,49 +22,50 @@ enum { LANES = 16, AHEAD = 1024, UNIT = 1 << 16, MAX_THREADS = 64 };
 
 #pragma GCC diagnostic ignored "-Wpsabi" /* 32-byte vectors only pass between inlined helpers */
 
-typedef float v4f __attribute__((vector_size(32)));
-typedef float v2f __attribute__((vector_size(16)));
-typedef double v2d __attribute__((vector_size(32)));
-typedef int32_t v4i __attribute__((vector_size(32)));
-typedef uint32_t v4u __attribute__((vector_size(32)));
-typedef uint16_t v4h __attribute__((vector_size(16)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
 
-/* Four elements from p, widened to float32 (a bfloat16 is the top half of a float32). */
-static inline __attribute__((always_inline)) v4f load4(const char *p, int dtype) {
+/* Eight elements from p, widened to float32 (a bfloat16 is the top half of a float32). */
+static inline __attribute__((always_inline)) v8f load8(const char *p, int dtype) {
   if (dtype == F32) {
-    v4f v;
+    v8f v;
     memcpy(&v, p, sizeof v);
     return v;
   }
-  v4h h;
+  v8h h;
   memcpy(&h, p, sizeof h);
-  return (v4f)(__builtin_convertvector(h, v4u) << 16);
+  return (v8f)(__builtin_convertvector(h, v8u) << 16);
 }
 
-static inline __attribute__((always_inline)) v2d square_half(v4f d, int high) {
-  v2f h;
+/* The squares of four of d's elements (the low or high half), in float64. */
+static inline __attribute__((always_inline)) v4d square_half(v8f d, int high) {
+  v4f h;
   memcpy(&h, (const char *)&d + high * sizeof h, sizeof h);
-  v2d x = __builtin_convertvector(h, v2d);
+  v4d x = __builtin_convertvector(h, v4d);
   return x * x;
 }
 
-static inline __attribute__((always_inline)) v4f max_abs(v4f m, v4f d) {
-  const v4i mask = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
-  v4f ad = (v4f)((v4i)d & mask);
-  v4i keep = m > ad;
-  return (v4f)((keep & (v4i)m) | (~keep & (v4i)ad));
+/* Lane by lane, the larger of m and |d|. */
+static inline __attribute__((always_inline)) v8f max_abs(v8f m, v8f d) {
+  v8f ad = (v8f)((v8i)d & 0x7fffffff);
+  v8i keep = m > ad;
+  return (v8f)((keep & (v8i)m) | (~keep & (v8i)ad));
 }
 
 typedef struct {
   double sq;
-  v4f mx;
+  v8f mx;
 } acc_t;
 
-/* Adds LANES elements at a and b (both `size` bytes each) to acc. */
+/* Adds LANES elements of a - b (of `size` bytes each) to the sums s and maxima m. */
 static inline __attribute__((always_inline)) void step(const char *a, const char *b, int size,
-                                                       int dtype, v2d s[4], v4f m[2]) {
-  v4f d0 = load4(a, dtype) - load4(b, dtype);
-  v4f d1 = load4(a + 8 * size, dtype) - load4(b + 8 * size, dtype);
+                                                       int dtype, v4d s[4], v8f m[2]) {
+  v8f d0 = load8(a, dtype) - load8(b, dtype);
+  v8f d1 = load8(a + 8 * size, dtype) - load8(b + 8 * size, dtype);
   s[0] += square_half(d0, 0);
   s[1] += square_half(d0, 1);
   s[2] += square_half(d1, 0);
@@ -75,8 +77,8 @@ static inline __attribute__((always_inline)) void step(const char *a, const char
 static inline __attribute__((always_inline)) void span(const char *a, const char *b, int64_t n,
                                                        int dtype, acc_t *acc) {
   const int size = dtype == F32 ? 4 : 2;
-  v2d s[4] = {{0}, {0}, {0}, {0}};
-  v4f m[2] = {acc->mx, acc->mx};
+  v4d s[4] = {{0}, {0}, {0}, {0}};
+  v8f m[2] = {acc->mx, acc->mx};
   int64_t i = 0;
   for (; i + LANES <= n; i += LANES) {
     __builtin_prefetch(a + (i + AHEAD) * size);
@@ -89,7 +91,7 @@ static inline __attribute__((always_inline)) void span(const char *a, const char
     memcpy(tb, b + i * size, (n - i) * size);
     step(ta, tb, size, dtype, s, m);
   }
-  v2d t = (s[0] + s[1]) + (s[2] + s[3]);
+  v4d t = (s[0] + s[1]) + (s[2] + s[3]);
   acc->sq += (t[0] + t[1]) + (t[2] + t[3]);
   acc->mx = max_abs(m[0], m[1]);
 }

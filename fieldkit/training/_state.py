@@ -537,8 +537,9 @@ def _measure(plan: list[_Part]) -> tuple[float, float]:
     sq, max_abs = 0.0, 0.0
     for part in plan:  # every part, on every rank, NaN or not: the collectives must match
         s, m = _partial(part.runs)
-        if part.fused:
-            fs, fm = _kernel.measure(part.fused)
+        if part.fused:  # torch ops too where the kernel has been turned off since the plan
+            fused = _kernel.library() is not None
+            fs, fm = _kernel.measure(part.fused) if fused else _partial(_runs(part.fused))
             s, m = s + fs, m if math.isnan(m) else max(m, fm)
         if part.over:
             s_t = torch.tensor([s], dtype=torch.float64, device=part.device)
