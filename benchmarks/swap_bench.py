@@ -11,8 +11,9 @@ downloaded) it times, in one process, interleaved round by round, the median and
   Python loop, ``torch._foreach_copy_``, ``torch.func.functional_call``'s swap, tensordict
   ``to_module`` (when installed), peft with two adapters and ``set_adapter`` there and back,
   ``load_state_dict(strict=False)`` and peft's ``set_peft_model_state_dict``;
-- the weight delta: ``WeightDeltaTracker.delta()``, ``weight_delta`` on dicts, a naive
-  per-tensor loop; with the peak of extra tensor memory one call allocates;
+- the weight delta: ``WeightDeltaTracker.delta()``, ``weight_delta`` on dicts, the tracker
+  without the C kernel (torch ops, as where no compiler can build it), a naive per-tensor
+  loop; with the peak of extra tensor memory one call allocates;
 - one forward pass (batch 4 x 64 tokens), for scale.
 
 Every method is checked before it is timed: inside the swap the model gives the reference's
@@ -50,6 +51,7 @@ import transformers
 from fieldkit.training import (
     LoraReferenceSnapshot,
     WeightDeltaTracker,
+    _kernel,
     capture_trainable,
     restore,
     swap_in,
@@ -318,6 +320,7 @@ def naive_delta(before: dict, model) -> tuple[float, float]:
 
 def delta_methods(model) -> tuple[dict[str, Callable], dict]:
     tracker = WeightDeltaTracker(model)
+    torch_ops = WeightDeltaTracker(model)  # measured without the C kernel
     before = capture_trainable(model)
     with torch.no_grad():  # a training step: every trainable tensor moves
         for p in model.parameters():
@@ -337,8 +340,24 @@ def delta_methods(model) -> tuple[dict[str, Callable], dict]:
         "fieldkit weight_delta(before, named_parameters)": lambda: weight_delta(
             before, dict(model.named_parameters())
         ),
+        "fieldkit delta(), torch ops (FIELDKIT_NO_KERNEL=1)": lambda: without_kernel(
+            torch_ops.delta
+        ),
         "naive per-tensor loop": lambda: naive_delta(before, model),
     }, truth
+
+
+def without_kernel(fn: Callable[[], object]) -> object:
+    """``fn()`` as fieldkit computes it where the C kernel can't be built."""
+    saved = os.environ.get("FIELDKIT_NO_KERNEL")
+    os.environ["FIELDKIT_NO_KERNEL"] = "1"
+    try:
+        return fn()
+    finally:
+        if saved is None:
+            del os.environ["FIELDKIT_NO_KERNEL"]
+        else:
+            os.environ["FIELDKIT_NO_KERNEL"] = saved
 
 
 # --- one case ----------------------------------------------------------------------------
@@ -545,6 +564,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+            "weight_delta on the CPU": _kernel.status(),
         },
         "command": "python benchmarks/swap_bench.py" + (" --quick" if args.quick else ""),
         "rounds": rounds,
@@ -553,6 +573,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "swap_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"weight_delta on the CPU: {_kernel.status()}")
     for case in cases:
         print(table(case))
     print(f"\njson: {args.out / 'swap_bench.json'}")

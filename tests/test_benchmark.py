@@ -7,6 +7,8 @@ import pathlib
 
 import pytest
 
+from fieldkit.training import _kernel
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +39,7 @@ def test_quick_benchmark_checks_and_reports_every_method(tmp_path, capsys):
             assert math.isclose(row["x_floor"], row["median_ms"] / case["floor_ms"])
         deltas = {row["method"]: row for row in case["delta"]}
         assert deltas["fieldkit WeightDeltaTracker.delta()"]["peak_extra_bytes"] >= 0
+    assert result["machine"]["weight_delta on the CPU"] == _kernel.status()
     assert [s["r"] for s in result["sweep"]] == [2, 4]
     out = capsys.readouterr().out
     assert out.count("| method") == 3 and "x floor" in out
