@@ -407,12 +407,14 @@ def weight_delta(
 ) -> tuple[float, float]:
     """L2 norm and max absolute value of ``after - before`` over all tensors together.
 
-    Computed in float32 (float64 when either side is float64 or not a float), in runs of
-    tensors of at most ``CHUNK`` elements: a few ops per run rather than per tensor, and extra
-    memory bounded by one buffer of max(``CHUNK``, the largest tensor) elements. Float32 sums of
-    squares are redone in float64 where they would overflow or underflow. NaN anywhere gives
-    ``(nan, nan)``. Sharded (FSDP2) tensors in ``after`` give the global figures on every rank:
-    it is a collective then, which every rank must call.
+    Differences in float32 (float64 when either side is float64 or not a float). Contiguous CPU
+    pairs of one dtype, float32 or bfloat16, go to a fused C kernel (``_kernel``): one pass,
+    float64 sums, no extra tensor memory. The rest go through torch ops in runs of tensors of at
+    most ``CHUNK`` elements: a few ops per run rather than per tensor, extra memory one buffer
+    of max(``CHUNK``, the largest tensor) elements, and float32 sums of squares redone in
+    float64 where they would overflow or underflow. NaN anywhere gives ``(nan, nan)``.
+    Sharded (FSDP2) tensors in ``after`` give the global figures on every rank: it is a
+    collective then, which every rank must call.
 
     Args:
         before: a state dict, e.g. from :func:`capture_trainable`.

@@ -15,7 +15,7 @@ class WeightDeltaTracker:
     """Snapshot the trainable parameters now; ``delta()`` measures how far they moved since.
 
     The snapshot is a CPU copy of every parameter with ``requires_grad=True`` at construction.
-    ``delta()`` re-reads the live model (copying nothing but one small buffer at a time) and
+    ``delta()`` re-reads the live model in place (on the CPU in one pass of a C kernel) and
     returns the aggregate L2 norm and max absolute value of the change over the captured
     tensors, computed as :func:`weight_delta` does. Tensors that became trainable later, or
     that left the model, are ignored; ``(0.0, 0.0)`` when nothing was captured.
@@ -46,7 +46,7 @@ class WeightDeltaTracker:
         locals_ = [v for _, v in trainable]
         self._before = dict(zip([n for n, _ in trainable], _pack(locals_, locals_)[0], strict=True))
         self._binding = Binding(model, list(self._before))
-        self._plan = None  # made on the first delta(), with its scratch buffer
+        self._plan = None  # made on the first delta()
 
     def _bound(self) -> Binding:
         # The plan holds views of the parameters' storage: make both again if anything moved.
