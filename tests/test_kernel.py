@@ -2,8 +2,12 @@
 never given a pair it would misread, and replaced by torch ops where it can't be built."""
 
 import math
+import os
+import pathlib
 import shlex
 import shutil
+import subprocess
+import sys
 import sysconfig
 
 import pytest
@@ -30,11 +34,15 @@ def float32_difference_delta(pairs) -> tuple[float, float]:
     return sq, mx
 
 
-def test_kernel_builds_where_there_is_a_c_compiler():
+def needs_compiler() -> None:
     compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler!r}) on this machine: torch ops are the path here")
-    if _kernel.library() is None and "FIELDKIT_NO_KERNEL is set" in _kernel.status():
+
+
+def test_kernel_builds_where_there_is_a_c_compiler():
+    needs_compiler()
+    if "FIELDKIT_NO_KERNEL is set" in _kernel.status():
         pytest.skip("FIELDKIT_NO_KERNEL is set for this run")
     assert _kernel.library() is not None, _kernel.status()
     assert _kernel.status().startswith("fused C kernel")
@@ -138,8 +146,7 @@ def test_without_a_compiler_weight_delta_uses_torch_ops_and_says_why(tmp_path, m
 
 
 def test_kernel_cache_is_written_once_and_reused(tmp_path, monkeypatch):
-    if shutil.which(shlex.split(sysconfig.get_config_var("CC") or "cc")[0]) is None:
-        pytest.skip("no C compiler on this machine")
+    needs_compiler()
     monkeypatch.setenv("FIELDKIT_CACHE", str(tmp_path))
     monkeypatch.delenv("FIELDKIT_NO_KERNEL", raising=False)
     _kernel._build.cache_clear()
@@ -154,3 +161,36 @@ def test_kernel_cache_is_written_once_and_reused(tmp_path, monkeypatch):
         assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
     finally:
         _kernel._build.cache_clear()
+
+
+def test_ranks_building_at_once_share_one_file(tmp_path):
+    """Ranks of a first run on a fresh machine all build the kernel at the same moment."""
+    needs_compiler()
+    code = "from fieldkit.training import _kernel as k; assert k.library(), k.status()"
+    env = {**os.environ, "FIELDKIT_CACHE": str(tmp_path), "FIELDKIT_NO_KERNEL": "0"}
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    for rank in ranks:
+        assert rank.wait(timeout=300) == 0, rank.stderr.read().decode()
+    assert [p.suffix for p in (tmp_path / "fieldkit").iterdir()] == [".so"]
+
+
+def test_kernel_source_is_right_on_aarch64_under_qemu(tmp_path):
+    """The DGX Spark's CPU is aarch64 (NEON, not SSE/AVX): build the same source for it and
+    run the standalone check (``kernel_check.c``) under qemu."""
+    tools = ["aarch64-linux-gnu-gcc", "qemu-aarch64"]
+    if not all(map(shutil.which, tools)):
+        pytest.skip(f"needs {' and '.join(tools)} (.ci/run installs them with apt-get)")
+    here = pathlib.Path(__file__).parent
+    exe = tmp_path / "kernel_check"
+    sources = [str(here / "kernel_check.c"), str(_kernel.SOURCE)]
+    subprocess.run(
+        [tools[0], "-O3", "-static", "-pthread", *sources, "-o", str(exe), "-lm"],
+        check=True,
+        capture_output=True,
+    )
+    done = subprocess.run([tools[1], str(exe)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count(") ok\n") == 8, done.stdout  # all eight cases ran

@@ -79,7 +79,7 @@ def _build() -> ctypes.CDLL | None:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as err:
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # RuntimeError: no home
         _why = f"the C kernel could not be built: {err}"
         _log.info("fieldkit: weight_delta uses torch ops on the CPU; %s", _why)
         return None
