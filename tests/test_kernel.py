@@ -56,7 +56,7 @@ def test_kernel_builds_where_there_is_a_c_compiler():
     st.sampled_from([1, 4096, 1 << 20]),
     st.integers(0, 2**31 - 1),
 )
-def test_kernel_equals_float64_over_tails_pieces_and_threads(sizes, dtype, scale, per, seed):
+def test_kernel_equals_float64_over_tails_pieces_and_any_threads(sizes, dtype, scale, per, seed):
     g = torch.Generator().manual_seed(seed)
     pairs = [
         (torch.randn(n, generator=g).to(dtype), (torch.randn(n, generator=g) * scale).to(dtype))
@@ -65,6 +65,8 @@ def test_kernel_equals_float64_over_tails_pieces_and_threads(sizes, dtype, scale
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_kernel, "PER_THREAD", per)  # 1: as many threads as torch has
         sq, mx = _kernel.measure(pairs)
+        patch.setattr(_kernel, "PER_THREAD", 1 << 62)
+        assert _kernel.measure(pairs) == (sq, mx)  # one thread: the same bits
     ref_sq, ref_mx = float32_difference_delta(pairs)
     assert mx == ref_mx  # exact: a max needs no rounding
     assert math.isclose(sq, ref_sq, rel_tol=1e-12)  # float64 sums, in another order

@@ -6,7 +6,8 @@
  * loaded once; the difference is taken in float32 (bfloat16 is widened first, exactly), then
  * squared and summed in float64, so the squares are exact and the sum can neither overflow nor
  * underflow. Software prefetch runs both streams ahead of the loads, and the threads share the
- * work in small pieces.
+ * work in small pieces whose sums are added in a fixed order: the same bits on any number of
+ * threads.
  *
  * Portable C with GCC/Clang vector extensions (SSE2 on x86-64, NEON on aarch64, no -march);
  * on x86-64 with glibc an AVX2 clone is picked at load time where the CPU has it. Built with
@@ -56,11 +57,6 @@ static inline __attribute__((always_inline)) v8f max_abs(v8f m, v8f d) {
   return (v8f)((keep & (v8i)m) | (~keep & (v8i)ad));
 }
 
-typedef struct {
-  double sq;
-  v8f mx;
-} acc_t;
-
 /* Adds LANES elements of a - b (of `size` bytes each) to the sums s and maxima m. */
 static inline __attribute__((always_inline)) void step(const char *a, const char *b, int size,
                                                        int dtype, v4d s[4], v8f m[2]) {
@@ -74,11 +70,12 @@ static inline __attribute__((always_inline)) void step(const char *a, const char
   m[1] = max_abs(m[1], d1);
 }
 
-static inline __attribute__((always_inline)) void span(const char *a, const char *b, int64_t n,
-                                                       int dtype, acc_t *acc) {
+/* The sum of squares of a - b over n elements; folds their |a - b| into the maxima *mx. */
+static inline __attribute__((always_inline)) double span(const char *a, const char *b, int64_t n,
+                                                         int dtype, v8f *mx) {
   const int size = dtype == F32 ? 4 : 2;
   v4d s[4] = {{0}, {0}, {0}, {0}};
-  v8f m[2] = {acc->mx, acc->mx};
+  v8f m[2] = {*mx, *mx};
   int64_t i = 0;
   for (; i + LANES <= n; i += LANES) {
     __builtin_prefetch(a + (i + AHEAD) * size);
@@ -91,24 +88,27 @@ static inline __attribute__((always_inline)) void span(const char *a, const char
     memcpy(tb, b + i * size, (n - i) * size);
     step(ta, tb, size, dtype, s, m);
   }
+  *mx = max_abs(m[0], m[1]);
   v4d t = (s[0] + s[1]) + (s[2] + s[3]);
-  acc->sq += (t[0] + t[1]) + (t[2] + t[3]);
-  acc->mx = max_abs(m[0], m[1]);
+  return (t[0] + t[1]) + (t[2] + t[3]);
 }
 
-/* The work, cut into pieces of at most UNIT elements (pair k[u], elements from s[u]) that the
- * threads take one at a time: a thread held up (by torch's spinning OpenMP workers, say)
- * takes fewer, so the call never takes longer than on one thread. */
+/* The work, cut into pieces of at most UNIT elements (piece u: pair k[u], elements from s[u])
+ * that the threads take one at a time, so a thread held up (by torch's spinning OpenMP
+ * workers, say) takes fewer, and the call never takes longer than on one thread. Each piece's
+ * sum goes to its own slot, added up in piece order at the end: the same bits whichever thread
+ * took which piece, and however many threads there were. */
 typedef struct {
   const char *const *a, *const *b;
   const int64_t *n, *k, *s;
+  double *sq;
   int64_t pieces, next;
   int dtype;
 } work_t;
 
 typedef struct {
   work_t *work;
-  acc_t acc;
+  v8f mx;
 } job_t;
 
 #if defined(__x86_64__) && defined(__GLIBC__)
@@ -120,10 +120,8 @@ static void *run(void *arg) {
   const int size = w->dtype == F32 ? 4 : 2;
   for (int64_t u; (u = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED)) < w->pieces;) {
     int64_t k = w->k[u], s = w->s[u], e = s + UNIT < w->n[k] ? s + UNIT : w->n[k];
-    if (w->dtype == F32)
-      span(w->a[k] + s * size, w->b[k] + s * size, e - s, F32, &j->acc);
-    else
-      span(w->a[k] + s * size, w->b[k] + s * size, e - s, BF16, &j->acc);
+    const char *a = w->a[k] + s * size, *b = w->b[k] + s * size;
+    w->sq[u] = w->dtype == F32 ? span(a, b, e - s, F32, &j->mx) : span(a, b, e - s, BF16, &j->mx);
   }
   return NULL;
 }
@@ -134,27 +132,29 @@ int fieldkit_delta(int64_t count, const char *const *a, const char *const *b, co
                    int dtype, int threads, double *out) {
   int64_t pieces = 0;
   for (int64_t k = 0; k < count; k++) pieces += (n[k] + UNIT - 1) / UNIT;
-  int64_t *ks = malloc(2 * (pieces ? pieces : 1) * sizeof *ks), *ss = ks + pieces;
+  int64_t *ks = malloc(3 * (pieces ? pieces : 1) * sizeof *ks);
   if (!ks) return -1;
+  int64_t *ss = ks + pieces;
+  double *sq = (double *)(ss + pieces);
   for (int64_t k = 0, u = 0; k < count; k++)
     for (int64_t s = 0; s < n[k]; s += UNIT, u++) ks[u] = k, ss[u] = s;
-  work_t work = {a, b, n, ks, ss, pieces, 0, dtype};
+  work_t work = {a, b, n, ks, ss, sq, pieces, 0, dtype};
   if (threads < 1) threads = 1;
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   job_t jobs[MAX_THREADS];
   pthread_t ids[MAX_THREADS];
   int started[MAX_THREADS] = {0};
-  for (int t = 0; t < threads; t++) jobs[t] = (job_t){&work, {0, {0}}};
+  for (int t = 0; t < threads; t++) jobs[t] = (job_t){&work, {0}};
   for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, run, &jobs[t]) == 0;
   run(&jobs[0]); /* takes what the others don't, including the share of any that didn't start */
-  double sq = 0, mx = 0;
+  double mx = 0;
   for (int t = 0; t < threads; t++) {
     if (started[t]) pthread_join(ids[t], NULL);
-    sq += jobs[t].acc.sq;
-    for (int l = 0; l < 8; l++) mx = jobs[t].acc.mx[l] > mx ? jobs[t].acc.mx[l] : mx;
+    for (int l = 0; l < 8; l++) mx = jobs[t].mx[l] > mx ? jobs[t].mx[l] : mx;
   }
-  free(ks);
-  out[0] = sq;
+  out[0] = 0;
+  for (int64_t u = 0; u < pieces; u++) out[0] += sq[u];
   out[1] = mx;
+  free(ks);
   return 0;
 }
