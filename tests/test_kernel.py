@@ -147,6 +147,17 @@ def test_without_a_compiler_weight_delta_uses_torch_ops_and_says_why(tmp_path, m
         _kernel._build.cache_clear()  # the next call builds (or finds) the real one again
 
 
+def test_nothing_is_built_when_no_pair_could_use_the_kernel():
+    """A GPU machine measures CUDA tensors only: it never runs (or misses) a C compiler."""
+    _kernel._build.cache_clear()
+    try:
+        pairs = {"d": torch.zeros(3, dtype=torch.float64), "h": torch.zeros(3, dtype=torch.half)}
+        assert weight_delta(pairs, {k: v + 1 for k, v in pairs.items()}) == (math.sqrt(6), 1.0)
+        assert _kernel._build.cache_info().currsize == 0
+    finally:
+        _kernel._build.cache_clear()
+
+
 def test_kernel_cache_is_written_once_and_reused(tmp_path, monkeypatch):
     needs_compiler()
     monkeypatch.setenv("FIELDKIT_CACHE", str(tmp_path))

@@ -496,14 +496,17 @@ class _Part(NamedTuple):
 
 
 def _plan(befores: list[torch.Tensor], afters: list[torch.Tensor]) -> list[_Part]:
-    kernel = _kernel.library() is not None
+    pairs = [
+        (sharding.groups(a), sharding.local(b), sharding.local(a))
+        for b, a in zip(befores, afters, strict=True)
+    ]
+    # Build the kernel (once per machine) only if it has something to do: not for CUDA tensors.
+    kernel = any(_kernel.fusable(b, a) for _, b, a in pairs) and _kernel.library() is not None
     parts: dict[tuple, tuple[torch.device, list, list]] = {}
-    for b, a in zip(befores, afters, strict=True):
-        a_local, b_local = sharding.local(a), sharding.local(b)
-        _, fused, rest = parts.setdefault(sharding.groups(a), (a_local.device, [], []))
-        if a_local.numel() == 0:
-            continue
-        (fused if kernel and _kernel.fusable(b_local, a_local) else rest).append((b_local, a_local))
+    for over, b, a in pairs:
+        _, fused, rest = parts.setdefault(over, (a.device, [], []))
+        if a.numel():
+            (fused if kernel and _kernel.fusable(b, a) else rest).append((b, a))
     return [
         _Part(over, device, fused, _runs(rest)) for over, (device, fused, rest) in parts.items()
     ]
