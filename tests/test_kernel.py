@@ -4,11 +4,9 @@ never given a pair it would misread, and replaced by torch ops where it can't be
 import math
 import os
 import pathlib
-import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 import torch
@@ -35,7 +33,7 @@ def float32_difference_delta(pairs) -> tuple[float, float]:
 
 
 def needs_compiler() -> None:
-    compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")[0]
+    compiler = _kernel.compiler()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler!r}) on this machine: torch ops are the path here")
 

@@ -52,6 +52,11 @@ def status() -> str:
     return f"fused C kernel ({lib._name})" if lib is not None else f"torch ops ({_why})"
 
 
+def compiler() -> list[str]:
+    """The C compiler command: ``$CC``, else the one Python was built with, else ``cc``."""
+    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+
+
 def _turned_off() -> bool:
     return os.environ.get("FIELDKIT_NO_KERNEL", "") not in ("", "0")
 
@@ -59,8 +64,7 @@ def _turned_off() -> bool:
 @functools.cache
 def _build() -> ctypes.CDLL | None:
     global _why
-    compiler = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
-    command = [*compiler, *FLAGS]
+    command = [*compiler(), *FLAGS]
     key = hashlib.sha256(
         SOURCE.read_bytes() + repr((command, platform.machine(), platform.system())).encode()
     ).hexdigest()[:16]
