@@ -73,15 +73,19 @@ def _float64_delta(before, after):
     return math.sqrt(sq), mx
 
 
+def _assert_float64_delta(got, before, after):
+    """``got`` is ``(l2, max_abs)`` of ``after - before`` as float64 computes them."""
+    ref_l2, ref_max = _float64_delta(before, after)
+    assert math.isclose(got[0], ref_l2, rel_tol=1e-6, abs_tol=1e-30)
+    assert math.isclose(got[1], ref_max, rel_tol=1e-6, abs_tol=1e-30)
+
+
 @pytest.mark.parametrize("path", DELTA_PATHS)
 @given(state_pairs())
 def test_weight_delta_equals_a_float64_computation(path, pair):
     with delta_path(path):
         before, after = pair
-        l2, max_abs = weight_delta(before, after)
-        ref_l2, ref_max = _float64_delta(before, after)
-        assert math.isclose(l2, ref_l2, rel_tol=1e-6, abs_tol=1e-30)
-        assert math.isclose(max_abs, ref_max, rel_tol=1e-6, abs_tol=1e-30)
+        _assert_float64_delta(weight_delta(before, after), before, after)
 
 
 @given(state_pairs(), st.integers(1, 40), st.booleans())
@@ -96,10 +100,8 @@ def test_weight_delta_in_small_runs_and_packed_equals_a_float64_computation(pair
         after = {k: a.double() for k, a in after.items()}
     with pytest.MonkeyPatch.context() as patch, delta_path("torch"):  # CHUNK is torch ops'
         patch.setattr(_state, "CHUNK", chunk)
-        l2, max_abs = weight_delta(before, after)
-    ref_l2, ref_max = _float64_delta(before, after)
-    assert math.isclose(l2, ref_l2, rel_tol=1e-6, abs_tol=1e-30)
-    assert math.isclose(max_abs, ref_max, rel_tol=1e-6, abs_tol=1e-30)
+        got = weight_delta(before, after)
+    _assert_float64_delta(got, before, after)
 
 
 @pytest.mark.parametrize("path", DELTA_PATHS)
@@ -115,13 +117,10 @@ def test_tracker_equals_weight_delta_over_random_trees(path, data):
                     p.copy_(data.draw(tensors(shape=p.shape, dtype=p.dtype, specials=False)))
         live = dict(model.named_parameters())
         got, expected = tracker.delta(), weight_delta(before, live)
-        assert got == expected or all(
-            map(math.isnan, got + expected)
-        )  # NaN from the initial values
-        ref_l2, ref_max = _float64_delta(before, live)
-        if not math.isnan(ref_l2):
-            assert math.isclose(got[0], ref_l2, rel_tol=1e-6, abs_tol=1e-30)
-            assert math.isclose(got[1], ref_max, rel_tol=1e-6, abs_tol=1e-30)
+        if all(map(math.isnan, got + expected)):  # NaN from the initial values
+            return
+        assert got == expected
+        _assert_float64_delta(got, before, live)
 
 
 @pytest.mark.parametrize("path", DELTA_PATHS)
@@ -176,10 +175,7 @@ def test_weight_delta_counts_only_names_found_in_after(path, pair, dropped):
     with delta_path(path):
         before, after = pair
         kept = {k: v for k, v in after.items() if k not in dropped}
-        expected = _float64_delta({k: before[k] for k in kept}, kept)
-        got = weight_delta(before, kept)
-        assert math.isclose(got[0], expected[0], rel_tol=1e-6, abs_tol=1e-30)
-        assert math.isclose(got[1], expected[1], rel_tol=1e-6, abs_tol=1e-30)
+        _assert_float64_delta(weight_delta(before, kept), {k: before[k] for k in kept}, kept)
 
 
 @given(st.data(), MODES)
