@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import peft
 import torch
@@ -349,15 +350,8 @@ def delta_methods(model) -> tuple[dict[str, Callable], dict]:
 
 def without_kernel(fn: Callable[[], object]) -> object:
     """``fn()`` as fieldkit computes it where the C kernel can't be built."""
-    saved = os.environ.get("FIELDKIT_NO_KERNEL")
-    os.environ["FIELDKIT_NO_KERNEL"] = "1"
-    try:
+    with mock.patch.dict(os.environ, {"FIELDKIT_NO_KERNEL": "1"}):
         return fn()
-    finally:
-        if saved is None:
-            del os.environ["FIELDKIT_NO_KERNEL"]
-        else:
-            os.environ["FIELDKIT_NO_KERNEL"] = saved
 
 
 # --- one case ----------------------------------------------------------------------------
