@@ -12,8 +12,8 @@ from strategies import module_trees, state_pairs, states_for, tensors
 from fieldkit.training import (
     LoraReferenceSnapshot,
     WeightDeltaTracker,
+    _delta,
     _sharding,
-    _state,
     capture_trainable,
     restore,
     swap_in,
@@ -99,7 +99,7 @@ def test_weight_delta_in_small_runs_and_packed_equals_a_float64_computation(pair
         before = {k: v.view(b.shape) for (k, b), v in zip(before.items(), views, strict=True)}
         after = {k: a.double() for k, a in after.items()}
     with pytest.MonkeyPatch.context() as patch, delta_path("torch"):  # CHUNK is torch ops'
-        patch.setattr(_state, "CHUNK", chunk)
+        patch.setattr(_delta, "CHUNK", chunk)
         got = weight_delta(before, after)
     _assert_float64_delta(got, before, after)
 

@@ -19,24 +19,24 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # explicit re-exports for editors and type checkers
     from ._adapter import LoadReport as LoadReport
     from ._adapter import load_adapter_dict as load_adapter_dict
+    from ._checks import StateDict as StateDict
+    from ._delta import weight_delta as weight_delta
     from ._report import DeltaReport as DeltaReport
     from ._report import TensorDelta as TensorDelta
     from ._report import delta_report as delta_report
     from ._snapshot import LoraReferenceSnapshot as LoraReferenceSnapshot
-    from ._state import StateDict as StateDict
     from ._state import capture_trainable as capture_trainable
-    from ._state import restore as restore
     from ._state import soft_update_ as soft_update_
-    from ._state import swap_in as swap_in
-    from ._state import weight_delta as weight_delta
+    from ._swap import restore as restore
+    from ._swap import swap_in as swap_in
     from ._tracker import WeightDeltaTracker as WeightDeltaTracker
 
 _EXPORTS = {
-    "StateDict": "_state",
+    "StateDict": "_checks",
     "capture_trainable": "_state",
-    "swap_in": "_state",
-    "restore": "_state",
-    "weight_delta": "_state",
+    "swap_in": "_swap",
+    "restore": "_swap",
+    "weight_delta": "_delta",
     "soft_update_": "_state",
     "delta_report": "_report",
     "DeltaReport": "_report",

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import _sharding as sharding
-from ._state import StateDict, _first, _host_copy, _keys
+from ._buffers import host_copy
+from ._checks import StateDict, first, keys
 
 # Config fields that change what the adapter's tensors compute: if the file and the live
 # adapter disagree on one, swapping the tensors cannot reproduce the saved adapter.
@@ -51,11 +52,9 @@ class LoadReport:
     def __str__(self) -> str:
         text = f"{len(self.loaded)} loaded from {self.path}"
         if self.skipped:
-            text += f"; {len(self.skipped)} file key(s) skipped: {_keys(self.skipped, 4)}"
+            text += f"; {len(self.skipped)} file key(s) skipped: {keys(self.skipped, 4)}"
         if self.missing:
-            text += (
-                f"; {len(self.missing)} trainable parameter(s) missing: {_keys(self.missing, 4)}"
-            )
+            text += f"; {len(self.missing)} trainable parameter(s) missing: {keys(self.missing, 4)}"
         return text
 
 
@@ -69,7 +68,7 @@ def _require(module: str, fn: str):
         ) from None
 
 
-def _weights_path(
+def weights_path(
     adapter_dir: str | os.PathLike, adapter_name: str, filename: str, fn: str = "load_adapter_dict"
 ) -> str:
     directory = os.fspath(adapter_dir)
@@ -91,7 +90,7 @@ def _weights_path(
     )
 
 
-def _saved_config(path: str, fn: str) -> dict | None:
+def saved_config(path: str, fn: str) -> dict | None:
     """The ``adapter_config.json`` beside the weights file ``path``; None when there is none."""
     config_path = os.path.join(os.path.dirname(path), "adapter_config.json")
     if not os.path.isfile(config_path):
@@ -104,7 +103,7 @@ def _saved_config(path: str, fn: str) -> dict | None:
 
 
 def _check_config(path: str, live_config, adapter_name: str) -> None:
-    saved = _saved_config(path, "load_adapter_dict")
+    saved = saved_config(path, "load_adapter_dict")
     if saved is None:
         return
     config_path = os.path.join(os.path.dirname(path), "adapter_config.json")
@@ -132,7 +131,9 @@ def _plain(value):
     return getattr(value, "value", value)
 
 
-def _file_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
+def _file_key_map(
+    model: nn.Module, adapter_name: str, params: dict[str, nn.Parameter]
+) -> dict[str, str]:
     """File key -> live parameter name, as peft's own save path maps them."""
     from peft import get_peft_model_state_dict
 
@@ -144,7 +145,7 @@ def _file_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
         adapter_name=adapter_name,
         save_embedding_layers=False,
     )
-    name_of = {id(p): n for n, p in model.named_parameters()}
+    name_of = {id(p): n for n, p in params.items()}
     return {k: name_of[id(v)] for k, v in by_file_key.items() if id(v) in name_of}
 
 
@@ -201,6 +202,22 @@ def load_adapter_dict(
     >>> next(iter(state))
     'base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight'
     """
+    options = dict(adapter_name=adapter_name, weights_filename=weights_filename, strict=strict)
+    state, report, _ = read_adapter(model, adapter_dir, **options)
+    return state, report
+
+
+def read_adapter(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    /,
+    *,
+    adapter_name: str,
+    weights_filename: str,
+    strict: bool,
+) -> tuple[StateDict, LoadReport, dict[str, nn.Parameter]]:
+    """:func:`load_adapter_dict`, and the model's parameters by name as it walked them, so
+    that a caller binding the state walks the model no second time."""
     fn = "load_adapter_dict"
     _require("safetensors", fn)
     peft = _require("peft", fn)
@@ -212,16 +229,16 @@ def load_adapter_dict(
     if adapter_name not in model.peft_config:
         raise ValueError(
             f"{fn}: the model has no adapter {adapter_name!r}; its adapters: "
-            f"{_keys(model.peft_config)}"
+            f"{keys(model.peft_config)}"
         )
-    path = _weights_path(adapter_dir, adapter_name, weights_filename)
+    path = weights_path(adapter_dir, adapter_name, weights_filename)
     _check_config(path, model.peft_config[adapter_name], adapter_name)
 
     params = sharding.named_parameters(model)
-    live_name = _file_key_map(model, adapter_name)
+    live_name = _file_key_map(model, adapter_name, params)
     from safetensors import safe_open
 
-    with _reading(fn, path):
+    with reading(fn, path):
         with safe_open(path, framework="pt", device="cpu") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in sorted(f.keys())}
     wanted = {
@@ -235,7 +252,7 @@ def load_adapter_dict(
     if mismatched:
         raise ValueError(
             f"{fn}: shape mismatch between {path!r} and the live adapter {adapter_name!r}: "
-            + _first(mismatched, sep="; ")
+            + first(mismatched, sep="; ")
         )
     skipped = tuple(k for k in shapes if k not in wanted)
     loaded = set(wanted.values())
@@ -250,29 +267,29 @@ def load_adapter_dict(
         )
         raise ValueError(
             f"{fn}: nothing in {path!r} matches a trainable parameter of the model. "
-            f"File keys: {_keys(skipped, 4) or 'none'}.{hint}"
+            f"File keys: {keys(skipped, 4) or 'none'}.{hint}"
         )
     if strict and (skipped or missing):
         raise ValueError(
             f"{fn}(strict=True): {path!r} does not match the live adapter exactly. "
-            f"Skipped file key(s): {_keys(skipped) or 'none'}. "
-            f"Missing trainable parameter(s): {_keys(missing) or 'none'}."
+            f"Skipped file key(s): {keys(skipped) or 'none'}. "
+            f"Missing trainable parameter(s): {keys(missing) or 'none'}."
         )
     state = {}
-    with _reading(fn, path):
+    with reading(fn, path):
         with safe_open(path, framework="pt", device="cpu") as f:
             for k, n in wanted.items():
                 like = sharding.local(params[n])
                 index = sharding.shard_index(params[n])
                 # A sharded (FSDP2) parameter reads only this rank's shard from the file.
                 value = f.get_tensor(k) if index is None else f.get_slice(k)[index]
-                state[n] = _host_copy(value, like=like)
+                state[n] = host_copy(value, like=like)
     report = LoadReport(path, tuple(sorted(state)), skipped, missing)
-    return dict(sorted(state.items())), report
+    return dict(sorted(state.items())), report, params
 
 
 @contextmanager
-def _reading(fn: str, path: str):
+def reading(fn: str, path: str):
     """Turn whatever safetensors raises for a bad file into one ValueError naming the path."""
     try:
         yield

@@ -15,9 +15,9 @@ import math
 import os
 import sys
 
-from ._adapter import _reading, _saved_config, _weights_path
+from ._adapter import reading, saved_config, weights_path
+from ._checks import first
 from ._report import delta_report
-from ._state import _first
 
 PROG = "python -m fieldkit.training"
 
@@ -31,7 +31,7 @@ def _path(adapter: str) -> str:
         return adapter
     if not os.path.exists(adapter):
         raise FileNotFoundError(f"{adapter!r}: no such file or directory")
-    return _weights_path(adapter, "default", "adapter_model.safetensors", fn=PROG)
+    return weights_path(adapter, "default", "adapter_model.safetensors", fn=PROG)
 
 
 def _read(adapter: str) -> tuple[str, dict]:
@@ -39,7 +39,7 @@ def _read(adapter: str) -> tuple[str, dict]:
     from safetensors.torch import load_file
 
     path = _path(adapter)
-    with _reading(PROG, path):
+    with reading(PROG, path):
         return path, load_file(path)
 
 
@@ -83,7 +83,7 @@ def diff(a: str, b: str, top: int | None) -> tuple[dict, str]:
     ]
     for label, keys in (("only in A", result["only_in_a"]), ("only in B", result["only_in_b"])):
         if keys:
-            lines.append(f"{label} ({len(keys)}): {_first(keys, limit=10)}")
+            lines.append(f"{label} ({len(keys)}): {first(keys, limit=10)}")
     for m in mismatched:
         lines.append(f"shape differs: {m['key']}: A {m['shape_a']}, B {m['shape_b']}")
     if rows:
@@ -103,13 +103,13 @@ def inspect(adapter: str) -> tuple[dict, str]:
     from safetensors import safe_open
 
     path = _path(adapter)
-    with _reading(PROG, path), safe_open(path, framework="pt") as f:
+    with reading(PROG, path), safe_open(path, framework="pt") as f:
         tensors = [
             {"key": k, "shape": f.get_slice(k).get_shape(), "dtype": f.get_slice(k).get_dtype()}
             for k in f.keys()  # noqa: SIM118 - safe_open is not a mapping
         ]
     numel = sum(math.prod(t["shape"]) for t in tensors)
-    config = _saved_config(path, PROG)
+    config = saved_config(path, PROG)
     result = {"path": path, "tensors": tensors, "parameters": numel, "config": config}
     width = max([len("tensor"), *(len(t["key"]) for t in tensors)])
     lines = [f"{path}: {len(tensors)} tensors, {numel:,} parameters"]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import _sharding as sharding
-from ._state import _check_shapes, _first
+from ._checks import check_shapes, first
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -100,7 +100,7 @@ class DeltaReport:
         lines = [f"{len(unmoved)} of {len(self.rows)} tensor(s) did not move:"]
         for cause, rows in by_cause.items():
             why = CAUSES[cause].format(dtype=rows[0].dtype) if cause else "cause unknown"
-            lines.append(f"- {_first([repr(r.name) for r in rows], limit=4)}: {why}")
+            lines.append(f"- {first([repr(r.name) for r in rows], limit=4)}: {why}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -172,7 +172,7 @@ def delta_report(
     - 'bias': frozen (requires_grad=False): the optimizer cannot move it
     """
     names = [n for n in before if n in after]
-    _check_shapes("delta_report", [(n, before[n], after[n]) for n in names])
+    check_shapes("delta_report", [(n, before[n], after[n]) for n in names])
     # Per tensor, this rank's sums (squares of Δ, squares of before, equal elements, elements)
     # and maxima (|Δ|, a non-zero gradient, a non-zero LoRA partner), combined over the shards.
     sums, maxima, parts = [], [], {}

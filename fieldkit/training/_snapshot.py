@@ -9,23 +9,12 @@ import torch
 from torch import nn
 
 from . import _sharding as sharding
-from ._adapter import LoadReport, load_adapter_dict
+from ._adapter import LoadReport, read_adapter
 from ._binding import Binding
-from ._state import (
-    Mode,
-    StateDict,
-    _bind,
-    _check_alpha,
-    _check_mode,
-    _copied,
-    _pack,
-    _packed,
-    _stage,
-    _swap,
-    _trainable,
-    _unswap,
-    soft_update_,
-)
+from ._buffers import pack, stage
+from ._checks import StateDict, check_alpha, trainable
+from ._state import soft_update_
+from ._swap import Mode, bind, check_mode, plan
 
 
 class LoraReferenceSnapshot:
@@ -81,7 +70,7 @@ class LoraReferenceSnapshot:
         mode: Mode = "pointer",
     ):
         if snapshot is None:
-            snapshot = dict(_trainable("LoraReferenceSnapshot", model))
+            snapshot = dict(trainable("LoraReferenceSnapshot", model))
         self._setup(model, snapshot, mode, report=None, source="online")
 
     def _setup(
@@ -91,8 +80,9 @@ class LoraReferenceSnapshot:
         mode: Mode,
         report: LoadReport | None,
         source: str,
+        params: dict[str, nn.Parameter] | None = None,
     ) -> None:
-        _check_mode("LoraReferenceSnapshot", mode)
+        check_mode("LoraReferenceSnapshot", mode)
         self._model = model
         self.mode = mode
         self.report = report
@@ -100,9 +90,11 @@ class LoraReferenceSnapshot:
         self._displaced: list[torch.Tensor] | None = None
         self._no_grad: torch.no_grad | None = None
         self._binding: Binding | None = None
-        self._take(state)
+        self._take(state, params)
 
-    def _take(self, state: Mapping[str, torch.Tensor]) -> None:
+    def _take(
+        self, state: Mapping[str, torch.Tensor], params: dict[str, nn.Parameter] | None = None
+    ) -> None:
         """Check ``state`` against the model in full, then keep it packed on the CPU."""
         if self._binding is not None:  # a re-check: sharded and unsharded never mix
             was = any(self._binding.sharded)
@@ -113,13 +105,13 @@ class LoraReferenceSnapshot:
                     f"{'unsharded' if was else 'sharded (FSDP2)'} now: take a new snapshot. "
                     "Nothing was changed."
                 )
-        bound = _bind("LoraReferenceSnapshot", self._model, state, "snapshot")
-        names = [name for name, _, _ in bound]
-        binding = Binding(self._model, names)
-        locals_ = [sharding.local(p) for p in binding.params]
-        self._values, self._packs = _pack([value for _, _, value in bound], locals_)
-        self._state = dict(zip(names, self._values, strict=True))
-        self._binding = binding
+        swap, values = plan(
+            "LoraReferenceSnapshot", self._model, state, "snapshot", self.mode, params
+        )
+        binding = Binding(self._model, swap.names)
+        self._values, self._packs = pack(values, [sharding.local(p) for p in swap.params])
+        self._state = dict(zip(swap.names, self._values, strict=True))
+        self._swap, self._binding = swap, binding
         # Copy mode saves the live values here; kept between entries, since fresh host memory
         # costs a page fault per 4 KiB on first touch (on CUDA the caching allocator would
         # hold on to it anyway).
@@ -142,15 +134,10 @@ class LoraReferenceSnapshot:
         report is kept in ``.report``. File keys without a trainable live parameter are skipped
         and reported, unless ``strict=True``. ``mode`` as in the constructor.
         """
-        state, report = load_adapter_dict(
-            model,
-            adapter_dir,
-            adapter_name=adapter_name,
-            weights_filename=weights_filename,
-            strict=strict,
-        )
+        options = dict(adapter_name=adapter_name, weights_filename=weights_filename, strict=strict)
+        state, report, params = read_adapter(model, adapter_dir, **options)
         snap = cls.__new__(cls)
-        snap._setup(model, state, mode, report, source=report.path)
+        snap._setup(model, state, mode, report, source=report.path, params=params)
         return snap
 
     @property
@@ -172,10 +159,10 @@ class LoraReferenceSnapshot:
             ValueError, TypeError: a bad ``alpha``, or a ``model`` that does not match.
         """
         fn = "LoraReferenceSnapshot.update_"
-        _check_alpha(fn, alpha)
+        check_alpha(fn, alpha)
         if self.active:
             raise RuntimeError(f"{fn}: the snapshot is entered; update it outside `with snap:`")
-        bound = _bind(fn, model, self._state, "snapshot")
+        bound = bind(fn, model, self._state, "snapshot")
         soft_update_(self._state, {name: sharding.local(p) for name, p, _ in bound}, alpha)
 
     def refresh(self, model: nn.Module) -> None:
@@ -200,12 +187,9 @@ class LoraReferenceSnapshot:
         no_grad = torch.no_grad()
         no_grad.__enter__()
         try:
-            params = self._binding.params
             if self._stash is None:
-                copied = zip(params, _copied(params, self.mode), strict=True)
-                self._stash = _packed([sharding.local(p) for p, c in copied if c], on_host=False)[0]
-            staged = _stage(self._values, self._packs)
-            self._displaced = _swap(params, staged, self.mode, self._stash)
+                self._stash = self._swap.stash()
+            self._displaced = self._swap.put(stage(self._values, self._packs), self._stash)
         except BaseException:
             no_grad.__exit__(None, None, None)
             raise
@@ -215,7 +199,7 @@ class LoraReferenceSnapshot:
     def __exit__(self, *exc_info) -> None:
         try:
             sharding.reshard(self._binding.fsdp)
-            _unswap(self._binding.params, self._displaced, self.mode)
+            self._swap.take_back(self._displaced)
         finally:
             self._displaced = None
             self._no_grad.__exit__(*exc_info)

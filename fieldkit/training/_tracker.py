@@ -7,8 +7,10 @@ from torch import nn
 
 from . import _sharding as sharding
 from ._binding import Binding
+from ._buffers import pack
+from ._checks import trainable
+from ._delta import DeltaPlan
 from ._report import DeltaReport, delta_report
-from ._state import _measure, _pack, _plan, _trainable
 
 
 class WeightDeltaTracker:
@@ -42,9 +44,9 @@ class WeightDeltaTracker:
 
     def __init__(self, model: nn.Module):
         self._model = model
-        trainable = _trainable("WeightDeltaTracker", model)
-        locals_ = [v for _, v in trainable]
-        self._before = dict(zip([n for n, _ in trainable], _pack(locals_, locals_)[0], strict=True))
+        found = trainable("WeightDeltaTracker", model)
+        locals_ = [v for _, v in found]
+        self._before = dict(zip([n for n, _ in found], pack(locals_, locals_)[0], strict=True))
         self._binding = Binding(model, list(self._before))
         self._plan = None  # made on the first delta()
 
@@ -62,8 +64,8 @@ class WeightDeltaTracker:
         self._bound()
         if self._plan is None:
             befores = [self._before[n] for n in self._binding.names]
-            self._plan = _plan(befores, self._binding.params)
-        return _measure(self._plan)
+            self._plan = DeltaPlan(befores, self._binding.params)
+        return self._plan.measure()
 
     def report(self) -> DeltaReport:
         """Per-tensor figures and, for each tensor that did not move, the likely cause (see

@@ -9,8 +9,8 @@ import warnings
 
 from torch import nn
 
+from ._checks import check_alpha
 from ._snapshot import LoraReferenceSnapshot
-from ._state import _check_alpha
 from ._tracker import WeightDeltaTracker
 
 try:
@@ -114,7 +114,7 @@ class ReferenceSyncCallback(TrainerCallback):
     """
 
     def __init__(self, snapshot: LoraReferenceSnapshot, *, alpha: float, every: int):
-        _check_alpha("ReferenceSyncCallback", alpha)
+        check_alpha("ReferenceSyncCallback", alpha)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"ReferenceSyncCallback: every must be an int >= 1, got {every!r}")
         self.snapshot, self.alpha, self.every = snapshot, alpha, every
