@@ -11,11 +11,17 @@ Pack = tuple[torch.device, torch.Tensor, list[int]]
 
 
 def host_copy(tensor: torch.Tensor, *, like: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy in ``like``'s dtype; pinned when ``like`` lives on CUDA, so the
-    copy to the device can be non-blocking."""
-    out = torch.empty(
-        tensor.shape, dtype=like.dtype, device="cpu", pin_memory=like.device.type == "cuda"
-    )
+    """A CPU copy in ``like``'s dtype and, where ``like`` is dense, its strides (a swap keeps
+    the layout); pinned when ``like`` lives on CUDA, so the copy to the device can be
+    non-blocking."""
+    pin = like.device.type == "cuda"
+    stride = like.stride() if dense(like) else None
+    if stride is None:
+        out = torch.empty(tensor.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
+    else:
+        out = torch.empty_strided(
+            tensor.shape, stride, dtype=like.dtype, device="cpu", pin_memory=pin
+        )
     return out.copy_(tensor.detach())
 
 
@@ -50,15 +56,38 @@ def groups(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype]
     return found
 
 
-def views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of ``flat`` shaped like ``like``, back to back (one C++ call)."""
-    return list(_unflatten_dense_tensors(flat, like))
+def dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``t.numel()`` consecutive slots in some order of its
+    dimensions (contiguous, transposed, channels-last): a layout a flat buffer can copy."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
-def packed(likes: list[torch.Tensor], *, on_host: bool) -> tuple[list[torch.Tensor], list[Pack]]:
-    """Uninitialised tensors shaped like ``likes``: views into one buffer per (device, dtype)
-    of ``likes``, on that device, or on the CPU when ``on_host`` (pinned for CUDA, so that
-    each buffer moves to its device in one non-blocking copy)."""
+def views(
+    flat: torch.Tensor, like: list[torch.Tensor], *, strided: bool = False
+) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped like ``like``, back to back (one C++ call); with ``strided``,
+    each dense tensor of ``like`` is matched in its strides too (a transposed view stays
+    transposed), since a matmul rounds differently on another layout."""
+    out = list(_unflatten_dense_tensors(flat, like))
+    if strided:
+        for i, t in enumerate(like):
+            if not t.is_contiguous() and dense(t):
+                out[i] = out[i].as_strided(t.shape, t.stride())
+    return out
+
+
+def packed(
+    likes: list[torch.Tensor], *, on_host: bool, strided: bool = False
+) -> tuple[list[torch.Tensor], list[Pack]]:
+    """Uninitialised tensors shaped like ``likes`` (and strided like them, with ``strided``):
+    views into one buffer per (device, dtype) of ``likes``, on that device, or on the CPU
+    when ``on_host`` (pinned for CUDA, so that each buffer moves to its device in one
+    non-blocking copy)."""
     out: list[torch.Tensor] = [None] * len(likes)  # type: ignore[list-item]
     packs: list[Pack] = []
     for (device, dtype), idx in groups(likes).items():
@@ -68,17 +97,17 @@ def packed(likes: list[torch.Tensor], *, on_host: bool) -> tuple[list[torch.Tens
             device="cpu" if on_host else device,
             pin_memory=on_host and device.type == "cuda",
         )
-        for i, view in zip(idx, views(flat, [likes[i] for i in idx]), strict=True):
+        for i, view in zip(idx, views(flat, [likes[i] for i in idx], strided=strided), strict=True):
             out[i] = view
         packs.append((device, flat, idx))
     return out, packs
 
 
 def pack(
-    values: list[torch.Tensor], likes: list[torch.Tensor]
+    values: list[torch.Tensor], likes: list[torch.Tensor], *, strided: bool = False
 ) -> tuple[list[torch.Tensor], list[Pack]]:
     """CPU copies of ``values``, packed as :func:`packed` lays out ``likes``."""
-    out, packs = packed(likes, on_host=True)
+    out, packs = packed(likes, on_host=True, strided=strided)
     for view, value in zip(out, values, strict=True):
         view.copy_(value.detach())
     return out, packs
@@ -90,26 +119,35 @@ def stage(values: list[torch.Tensor], packs: list[Pack]) -> list[torch.Tensor]:
     out = list(values)
     for device, flat, idx in packs:
         if flat.device != device:
-            moved = views(flat.to(device, non_blocking=True), [values[i] for i in idx])
+            moved = views(
+                flat.to(device, non_blocking=True), [values[i] for i in idx], strided=True
+            )
             for i, v in zip(idx, moved, strict=True):
                 out[i] = v
     return out
 
 
 def to_devices(values: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each value on its parameter's device: used in place when already there, otherwise
-    copied (non-blocking from pinned memory), in one copy per group packed back to back."""
-    out = list(values)
-    moving = [
-        i for i, (v, p) in enumerate(zip(values, params, strict=True)) if v.device != p.device
+    """Each value on its parameter's device, in its parameter's layout: used in place when
+    already so, otherwise copied (non-blocking from pinned memory), in one copy per group
+    packed back to back."""
+    out = [
+        torch.empty_like(p).copy_(v) if v.device == p.device and _relaid(v, p) else v
+        for v, p in zip(values, params, strict=True)
     ]
+    moving = [i for i, (v, p) in enumerate(zip(out, params, strict=True)) if v.device != p.device]
     packs: list[Pack] = []
     for (device, _), idx in groups([params[i] for i in moving]).items():
         idx = [moving[i] for i in idx]
-        flat = span([values[i] for i in idx])
+        flat = span([out[i] for i in idx])
         if flat is not None:
             packs.append((device, flat, idx))
             continue
         for i in idx:
-            out[i] = values[i].to(device, non_blocking=True)
+            out[i] = out[i].to(device, non_blocking=True)
     return stage(out, packs)
+
+
+def _relaid(value: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether ``value`` must be copied into ``param``'s layout for a bit-exact swap."""
+    return value.stride() != param.stride() and value.numel() > 1 and dense(param)

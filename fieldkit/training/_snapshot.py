@@ -12,7 +12,7 @@ from . import _sharding as sharding
 from ._adapter import LoadReport, read_adapter
 from ._binding import Binding
 from ._buffers import pack, stage
-from ._checks import StateDict, check_alpha, trainable
+from ._checks import StateDict, check_alpha, keys, trainable
 from ._state import soft_update_
 from ._swap import Mode, bind, check_mode, plan
 
@@ -71,6 +71,14 @@ class LoraReferenceSnapshot:
     ):
         if snapshot is None:
             snapshot = dict(trainable("LoraReferenceSnapshot", model))
+            if not snapshot:
+                raise ValueError(
+                    "LoraReferenceSnapshot: the model has no trainable parameter, so an online "
+                    "snapshot would hold nothing and every `with snap:` would silently give "
+                    "the live policy. Inside model.disable_adapter() peft freezes the adapter: "
+                    "take the snapshot outside it; PeftModel.from_pretrained loads frozen "
+                    "unless is_trainable=True."
+                )
         self._setup(model, snapshot, mode, report=None, source="online")
 
     def _setup(
@@ -88,8 +96,8 @@ class LoraReferenceSnapshot:
         self.report = report
         self._source = source
         self._displaced: list[torch.Tensor] | None = None
-        self._no_grad: torch.no_grad | None = None
         self._binding: Binding | None = None
+        self._spoiled: list[str] = []  # written through while swapped in: refused until re-taken
         self._take(state, params)
 
     def _take(
@@ -108,8 +116,11 @@ class LoraReferenceSnapshot:
         swap, values = plan(
             "LoraReferenceSnapshot", self._model, state, "snapshot", self.mode, params
         )
+        swap.readers.check(swap.fn)
         binding = Binding(self._model, swap.names)
-        self._values, self._packs = pack(values, [sharding.local(p) for p in swap.params])
+        self._values, self._packs = pack(
+            values, [sharding.local(p) for p in swap.params], strided=True
+        )
         self._state = dict(zip(swap.names, self._values, strict=True))
         self._swap, self._binding = swap, binding
         # Copy mode saves the live values here; kept between entries, since fresh host memory
@@ -155,55 +166,104 @@ class LoraReferenceSnapshot:
         dtypes are checked as for the swap, before anything is written.
 
         Raises:
-            RuntimeError: the snapshot is entered (the model is reading it).
+            RuntimeError: the snapshot is entered (the model is reading it), or it was written
+                through while swapped in (only ``alpha=1``, a re-take, mends that).
             ValueError, TypeError: a bad ``alpha``, or a ``model`` that does not match.
         """
         fn = "LoraReferenceSnapshot.update_"
         check_alpha(fn, alpha)
         if self.active:
             raise RuntimeError(f"{fn}: the snapshot is entered; update it outside `with snap:`")
+        if alpha != 1.0:
+            self._check_intact(fn)
         bound = bind(fn, model, self._state, "snapshot")
         soft_update_(self._state, {name: sharding.local(p) for name, p, _ in bound}, alpha)
+        self._spoiled = []
 
     def refresh(self, model: nn.Module) -> None:
         """Re-take the snapshot from ``model``'s current weights, in place (a hard reference
         sync, TRL's ``ref_model_sync_steps`` with ``alpha=1``); checks as :meth:`update_`."""
         self.update_(model, 1.0)
 
+    def _check_intact(self, fn: str) -> None:
+        if self._spoiled:
+            raise RuntimeError(
+                f"{fn}: this snapshot was written in place while swapped in (parameter(s) "
+                f"{keys(self._spoiled, 4)}), so it no longer holds the reference it was "
+                "taken as. Re-take it (snap.refresh(model), or a new snapshot) before using it."
+            )
+
     @property
     def active(self) -> bool:
-        """Whether the snapshot is swapped into the model right now."""
+        """Whether the snapshot is swapped into the model right now (or left out of order and
+        waiting for the swaps entered after it to leave)."""
         return self._displaced is not None
 
     def __enter__(self) -> LoraReferenceSnapshot:
-        if self._displaced is not None:
-            raise RuntimeError(
-                "LoraReferenceSnapshot is already entered: one swap at a time per snapshot. "
-                "Leave the outer `with snap:` block first."
-            )
-        sharding.reshard(self._binding.fsdp)  # FSDP2 registers its sharded parameters again
-        if not self._binding.current():  # the model changed since: check it all again
-            self._take(self._state)
-        no_grad = torch.no_grad()
-        no_grad.__enter__()
+        token = object()
+        owner = self._swap.owner
+        owner.enter(token)  # waits while another thread has this model swapped
+        grad = torch.is_grad_enabled()
         try:
+            if self._displaced is not None:
+                raise RuntimeError(
+                    "LoraReferenceSnapshot is already entered: one swap at a time per snapshot. "
+                    "Leave the outer `with snap:` block first."
+                )
+            self._check_intact("LoraReferenceSnapshot")
+            sharding.reshard(self._binding.fsdp)  # FSDP2 registers its sharded parameters again
+            if not self._binding.current():  # the model changed since: check it all again
+                self._take(self._state)
             if self._stash is None:
                 self._stash = self._swap.stash()
-            self._displaced = self._swap.put(stage(self._values, self._packs), self._stash)
+            staged = stage(self._values, self._packs)
+            torch.set_grad_enabled(False)
+            self._displaced = self._swap.put(staged, self._stash)
         except BaseException:
-            no_grad.__exit__(None, None, None)
+            owner.leave(token, lambda: torch.set_grad_enabled(grad))
             raise
-        self._no_grad = no_grad
+        # Pointer mode on the snapshot's own device: the parameters are the snapshot's tensors.
+        in_place = [s is v for s, v in zip(staged, self._values, strict=True)]
+        self._exit = (token, grad, self._swap.versions, in_place)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        try:
-            sharding.reshard(self._binding.fsdp)
-            self._swap.take_back(self._displaced)
-        finally:
-            self._displaced = None
-            self._no_grad.__exit__(*exc_info)
-            self._no_grad = None
+        token, grad, since, in_place = self._exit
+        written: list[str] = []
+
+        def undo() -> None:
+            try:
+                sharding.reshard(self._binding.fsdp)
+            finally:  # the live weights come back whatever failed before
+                try:
+                    written.extend(self._swap.take_back(self._displaced, since))
+                finally:
+                    self._displaced = None
+                    torch.set_grad_enabled(grad)
+
+        if not self._swap.owner.leave(token, undo):
+            raise RuntimeError(
+                "LoraReferenceSnapshot: left out of order: another swap of this model was "
+                "entered after this one and is still in place, so this one cannot be undone "
+                "yet. The model's live weights come back when that one leaves; leave `with` "
+                "blocks in the reverse order of entering them."
+            )
+        if written:
+            index = {n: i for i, n in enumerate(self._swap.names)}
+            self._spoiled = [n for n in written if self.mode == "pointer" and in_place[index[n]]]
+            raise RuntimeError(
+                f"LoraReferenceSnapshot: parameter(s) {keys(written)} were written in place "
+                "inside `with snap:` (an optimizer.step(), or another in-place op, on the "
+                "reference weights). The live weights are back, bit for bit, and that write is "
+                "gone. "
+                + (
+                    "It went into the snapshot itself, which refuses every use until re-taken "
+                    "(snap.refresh(model)). "
+                    if self._spoiled
+                    else "The snapshot is intact. "
+                )
+                + "Step the optimizer outside `with snap:`."
+            )
 
     def __len__(self) -> int:
         return len(self._state)

@@ -17,6 +17,7 @@ from torch import nn
 from . import _sharding as sharding
 from ._buffers import packed, to_devices
 from ._checks import check_usable, first, keys, shape
+from ._guards import Owner, Readers, forget_casts, versions, written
 
 Mode = Literal["pointer", "copy"]
 MODES: tuple[Mode, ...] = ("pointer", "copy")
@@ -81,17 +82,25 @@ def bind(
 
 
 class Swap:
-    """The swap of values into ``params`` in one ``mode``: :meth:`put` swaps in, all or
-    nothing, and returns the displaced live values; :meth:`take_back` puts them back.
+    """The swap of values into ``params`` of ``model`` in one ``mode``: :meth:`put` swaps in,
+    all or nothing, and returns the displaced live values; :meth:`take_back` puts them back.
 
     Sharded (FSDP2) parameters are always copied into their local shard, since FSDP2
     all-gathers from its own shard storage; the others are copied in ``"copy"`` mode and
-    re-pointed (``.data``) in ``"pointer"`` mode.
+    re-pointed (``.data``) in ``"pointer"`` mode. The guards (``_guards``) run on every call:
+    the peft layers that read the parameters are checked, autocast's cache is cleared, and the
+    parameters' versions are read after the swap, so :meth:`take_back` can tell what was
+    written in place meanwhile.
     """
 
-    def __init__(self, names: list[str], params: list[nn.Parameter], mode: Mode):
-        self.names, self.params, self.mode = names, params, mode
+    def __init__(
+        self, fn: str, model: nn.Module, names: list[str], params: list[nn.Parameter], mode: Mode
+    ):
+        self.fn, self.names, self.params, self.mode = fn, names, params, mode
         self.copied = [i for i, p in enumerate(params) if mode == "copy" or sharding.is_sharded(p)]
+        self.readers = Readers(model, names)
+        self.owner = Owner.of(model)
+        self.versions: list[int] = []
 
     def stash(self) -> list[torch.Tensor]:
         """Room for the live values of the copied parameters, one buffer per (device, dtype)."""
@@ -101,7 +110,13 @@ class Swap:
         self, values: list[torch.Tensor], stash: list[torch.Tensor] | None = None
     ) -> list[torch.Tensor]:
         """Put ``values`` (already on the parameters' devices) into the parameters; all or
-        nothing. ``stash``: where the copied parameters' live values go (see :meth:`stash`)."""
+        nothing. ``stash``: where the copied parameters' live values go (see :meth:`stash`).
+
+        Raises:
+            ValueError: a peft layer that reads a parameter would not read the swapped value
+                (merged, disabled, another adapter active); nothing was changed.
+        """
+        self.readers.check(self.fn)
         params, copied = self.params, self.copied
         datas = [sharding.local(p) for p in params]
         displaced = list(datas)
@@ -133,12 +148,17 @@ class Swap:
             if copied:
                 torch._foreach_copy_(targets, saved)
             raise
+        forget_casts()
+        self.versions = versions(params)
         return displaced
 
-    def take_back(self, displaced: list[torch.Tensor]) -> None:
+    def take_back(self, displaced: list[torch.Tensor], since: list[int] | None = None) -> list[str]:
         """Put back what :meth:`put` displaced: re-attach the original storage, or copy the
-        saved values back into the parameters' own storage."""
+        saved values back into the parameters' own storage. Returns the names of the
+        parameters written in place since their versions were ``since`` (e.g.
+        :attr:`versions` right after :meth:`put`); their live values are back all the same."""
         params, copied = self.params, self.copied
+        changed = [] if since is None else written(self.names, params, since)
         if copied:
             torch._foreach_copy_(
                 [sharding.local(params[i]) for i in copied], [displaced[i] for i in copied]
@@ -147,6 +167,8 @@ class Swap:
         for i, (param, old) in enumerate(zip(params, displaced, strict=True)):
             if i not in skip:
                 param.data = old
+        forget_casts()
+        return changed
 
 
 def plan(
@@ -161,15 +183,18 @@ def plan(
     :class:`Swap`, and ``state``'s values in the order of its parameters."""
     check_mode(fn, mode)
     bound = bind(fn, model, state, arg, params)
-    swap = Swap([n for n, _, _ in bound], [p for _, p, _ in bound], mode)
+    swap = Swap(fn, model, [n for n, _, _ in bound], [p for _, p, _ in bound], mode)
     return swap, [v for _, _, v in bound]
 
 
 class Displaced(dict):
     """What :func:`swap_in` returns: ``{name: displaced live value}``, a plain dict that also
-    remembers the ``mode`` of the swap, so that :func:`restore` undoes it the same way."""
+    remembers the ``mode`` of the swap, so that :func:`restore` undoes it the same way, and
+    each parameter's autograd version after the swap, so that it can tell what was written
+    in place meanwhile."""
 
     mode: Mode = "pointer"
+    versions: dict[str, int] = {}
 
 
 def swap_in(
@@ -205,10 +230,12 @@ def swap_in(
 
     Raises:
         ValueError: unknown names, shape or dtype mismatches, parameters fieldkit cannot swap
-            (offloaded to ``meta``, FSDP1, DeepSpeed ZeRO-3, quantized), an unknown mode.
-            All-or-nothing: everything is checked before anything
+            (offloaded to ``meta``, FSDP1, DeepSpeed ZeRO-3, quantized), an unknown mode, or
+            peft layers that would not read the swapped values (merged, disabled, another
+            adapter active). All-or-nothing: everything is checked before anything
             is written, and after any error the model holds exactly what it held before.
         TypeError: ``state`` is not a mapping of tensors.
+        RuntimeError: another thread has the model swapped (a snapshot entered there).
 
     >>> import torch
     >>> layer = torch.nn.Linear(2, 2)
@@ -221,11 +248,13 @@ def swap_in(
     True
     """
     swap, values = plan("swap_in", model, state, "state", mode)
+    swap.owner.check_free("swap_in")
     # Stage every value on its parameter's device before touching the model, so a failed copy
     # (out of memory, say) leaves the model untouched.
     old = swap.put(to_devices(values, swap.params))
     displaced = Displaced(zip(swap.names, old, strict=True))
     displaced.mode = mode
+    displaced.versions = dict(zip(swap.names, swap.versions, strict=True))
     return displaced
 
 
@@ -243,6 +272,9 @@ def restore(model: nn.Module, displaced: Mapping[str, torch.Tensor], /) -> None:
 
     Raises:
         ValueError, TypeError: as :func:`swap_in`, checked before anything is written.
+        RuntimeError: a swapped parameter was written in place between :func:`swap_in` and
+            here (its autograd version moved: an ``optimizer.step()``, say); raised after
+            the live values are back, bit for bit. Or another thread has the model swapped.
 
     >>> import torch
     >>> layer = torch.nn.Linear(2, 2)
@@ -254,4 +286,22 @@ def restore(model: nn.Module, displaced: Mapping[str, torch.Tensor], /) -> None:
     swap, values = plan(
         "restore", model, displaced, "displaced", getattr(displaced, "mode", "pointer")
     )
-    swap.take_back(to_devices(values, swap.params))
+    swap.owner.check_free("restore")
+    since = getattr(displaced, "versions", {})
+    changed = swap.take_back(
+        to_devices(values, swap.params),
+        [since.get(n, p._version) for n, p in zip(swap.names, swap.params, strict=True)],
+    )
+    if changed:
+        raise RuntimeError(
+            f"restore: parameter(s) {keys(changed)} were written in place while swapped in "
+            "(an optimizer step, or another in-place op, between swap_in and restore). The "
+            "live values are back, bit for bit, and that write is gone"
+            + (
+                "; in pointer mode a value used in place (already on the parameter's "
+                "device) took that write: the state you passed to swap_in changed too"
+                if swap.mode == "pointer"
+                else ""
+            )
+            + ". Step the optimizer after restore."
+        )

@@ -1,0 +1,172 @@
+"""What a swap must never get wrong, checked where it costs least.
+
+- :class:`Readers`: a swap changes only what the forward reads. Per bound parameter, the peft
+  layers on its path and the adapter it belongs to are found once; every swap in checks that
+  none of those layers is merged or disabled and that the adapter is active.
+- :func:`forget_casts`: torch's autocast caches each parameter's low-precision copy per
+  parameter *object*, which a swap keeps; the cache is cleared on entry and on exit.
+- :func:`written`: autograd's version counters tell which parameters were written in place
+  while swapped in (an ``optimizer.step()`` inside ``with snap:``).
+- :class:`Owner`: one owner of a model's parameters at a time. Swaps of one model nest last in,
+  first out within one thread; another thread waits until the first has left them all; an
+  out-of-order exit is refused, and the weights come back when the last swap leaves.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ._checks import first, keys
+
+
+def _peft_layers(model: nn.Module, name: str) -> tuple[list[nn.Module], str | None]:
+    """The peft tuner layers and training wrappers on ``name``'s path (duck-typed, so any peft
+    version and tuner type), and the adapter the parameter belongs to: the key that follows
+    one of the innermost layer's adapter containers (``lora_A.<adapter>.weight``,
+    ``lora_embedding_A.<adapter>``, ``modules_to_save.<adapter>.weight``, ...)."""
+    parts = name.split(".")
+    module: nn.Module | None = model
+    layers, adapter = [], None
+    for i, part in enumerate(parts[:-1]):
+        if hasattr(module, "adapter_layer_names") and hasattr(module, "active_adapters"):
+            layers.append(module)
+            if part in module.adapter_layer_names:
+                adapter = parts[i + 1]
+        module = module._modules.get(part)
+        if module is None:
+            break
+    return layers, adapter
+
+
+class Readers:
+    """For each bound parameter that belongs to a peft adapter, the layers that must read it."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        pairs: dict[tuple[int, str], tuple[nn.Module, str, list[str]]] = {}
+        for name in names:
+            layers, adapter = _peft_layers(model, name)
+            if adapter is not None:
+                for layer in layers:
+                    pairs.setdefault((id(layer), adapter), (layer, adapter, []))[2].append(name)
+        self._pairs = list(pairs.values())
+        self._paths = {id(m): n for n, m in model.named_modules()} if self._pairs else {}
+
+    def check(self, fn: str) -> None:
+        """Raise a ValueError, before anything changes, if a swap could not change what the
+        forward computes: the adapter layer is merged, disabled, or runs another adapter."""
+        bad = [
+            (layer, adapter)
+            for layer, adapter, _ in self._pairs
+            if layer.merged_adapters
+            or layer.disable_adapters
+            or adapter not in layer.active_adapters
+        ]
+        if bad:
+            raise ValueError(f"{fn}: {self._why(bad)} Nothing was changed.")
+
+    def _why(self, bad: list[tuple[nn.Module, str]]) -> str:
+        merged = [self._paths.get(id(m), "?") for m, _ in bad if m.merged_adapters]
+        disabled = [self._paths.get(id(m), "?") for m, _ in bad if m.disable_adapters]
+        inactive = {
+            a: sorted(set(m.active_adapters))
+            for m, a in bad
+            if not m.merged_adapters and not m.disable_adapters
+        }
+        lines = []
+        if merged:
+            lines.append(
+                f"adapter layer(s) {keys(merged, 4)} are merged into the base weights, so the "
+                "forward no longer reads the adapter's tensors: call model.unmerge_adapter() "
+                "before the swap (and merge again after it, if you need to)."
+            )
+        if disabled:
+            lines.append(
+                f"adapter layer(s) {keys(disabled, 4)} are disabled (inside "
+                "model.disable_adapter(), or disable_adapter_layers()), so the forward does not "
+                "read the adapter's tensors: swap outside disable_adapter()."
+            )
+        for adapter, active in inactive.items():
+            lines.append(
+                f"the swap goes into adapter {adapter!r}, but the forward runs "
+                f"{first([repr(a) for a in active]) or 'no adapter'}: call "
+                f"model.set_adapter({adapter!r}), or take the snapshot of the active adapter."
+            )
+        return " ".join(lines)
+
+
+def forget_casts() -> None:
+    """Drop autocast's cached low-precision copies of the parameters: they are keyed on the
+    parameter object, which a swap keeps, so they would outlive the swap."""
+    torch.clear_autocast_cache()
+
+
+def versions(params: list[torch.Tensor]) -> list[int]:
+    return [p._version for p in params]
+
+
+def written(names: list[str], params: list[torch.Tensor], before: list[int]) -> list[str]:
+    """The names of the parameters written in place since their versions were ``before``."""
+    return [n for n, p, v in zip(names, params, before, strict=True) if p._version != v]
+
+
+class Owner:
+    """Who holds one model's parameters swapped: a thread, and its swaps, innermost last."""
+
+    _all: weakref.WeakKeyDictionary[nn.Module, Owner] = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Owner:
+        with cls._lock:
+            owner = cls._all.get(model)
+            if owner is None:
+                owner = cls._all[model] = cls()
+            return owner
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._thread: int | None = None
+        self._stack: list[list] = []  # [token, undo once it has left out of order]
+
+    def enter(self, token: object) -> None:
+        """Make this thread the owner (waiting while another thread is) and push ``token``."""
+        me = threading.get_ident()
+        with self._cond:
+            while self._thread not in (None, me):
+                self._cond.wait()
+            self._thread = me
+            self._stack.append([token, None])
+
+    def leave(self, token: object, undo: Callable[[], None]) -> bool:
+        """Pop ``token`` and run ``undo``, then the undos of the swaps beneath it that have
+        already left out of order. ``token`` not innermost: keep ``undo`` for later and return
+        False (the caller raises)."""
+        with self._cond:
+            if self._stack[-1][0] is not token:
+                next(e for e in self._stack if e[0] is token)[1] = undo
+                return False
+            self._stack.pop()
+            try:
+                undo()
+            finally:
+                while self._stack and self._stack[-1][1] is not None:
+                    self._stack.pop()[1]()
+                if not self._stack:
+                    self._thread = None
+                    self._cond.notify_all()
+            return True
+
+    def check_free(self, fn: str) -> None:
+        """Refuse a pure swap_in / restore while another thread holds the model swapped."""
+        with self._cond:
+            if self._thread not in (None, threading.get_ident()):
+                raise RuntimeError(
+                    f"{fn}: another thread has this model's parameters swapped (a "
+                    "LoraReferenceSnapshot is entered there); its forward would see your values "
+                    "and yours its. Nothing was changed: wait until it leaves."
+                )
