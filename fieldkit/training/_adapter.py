@@ -4,28 +4,54 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from . import _sharding as sharding
 from ._buffers import host_copy
 from ._checks import StateDict, first, keys
 
-# Config fields that change what the adapter's tensors compute: if the file and the live
-# adapter disagree on one, swapping the tensors cannot reproduce the saved adapter.
-_FORWARD_FIELDS = (
-    "peft_type",
-    "r",
-    "lora_alpha",
-    "use_rslora",
-    "use_dora",
-    "fan_in_fan_out",
-    "rank_pattern",
-    "alpha_pattern",
-    "trainable_token_indices",
+# Config fields that cannot change what the adapter's tensors compute, given the tensors: names
+# and bookkeeping, dropout (off in eval, random in training either way), and which modules are
+# targeted (a different set shows as skipped or missing keys, checked separately). Every other
+# field of any peft tuner type is compared: a field peft adds later is compared until it is
+# known not to matter, which errs on the side of an error over a wrong reference.
+_IGNORED_FIELDS = frozenset(
+    {
+        "base_model_name_or_path",
+        "revision",
+        "task_type",
+        "inference_mode",
+        "peft_version",
+        "auto_mapping",
+        "target_modules",
+        "target_parameters",
+        "exclude_modules",
+        "modules_to_save",
+        "layers_to_transform",
+        "layers_pattern",
+        "bias",
+        "lora_dropout",
+        "dropout",
+        "module_dropout",
+        "rank_dropout",
+        "init_weights",
+        "save_projection",
+        "runtime_config",
+        "megatron_config",
+        "megatron_core",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+    }
 )
+# init_lora_weights values that only draw the tensors' starting values; the others (PiSSA, OLoRA,
+# CorDA, LoftQ, ...) also rewrite the base weights, which the adapter's tensors rely on.
+_RANDOM_INITS = (True, False, "gaussian", "orthogonal", "eva")
 
 
 @dataclass(frozen=True)
@@ -106,13 +132,12 @@ def _check_config(path: str, live_config, adapter_name: str) -> None:
     saved = saved_config(path, "load_adapter_dict")
     if saved is None:
         return
+    live = _plain(live_config.to_dict())
     config_path = os.path.join(os.path.dirname(path), "adapter_config.json")
     differ = [
-        f"{field}: file {saved[field]!r}, live {getattr(live_config, field)!r}"
-        for field in _FORWARD_FIELDS
-        if field in saved
-        and hasattr(live_config, field)
-        and _plain(saved[field]) != _plain(getattr(live_config, field))
+        f"{field}: file {saved[field]!r}, live {live[field]!r}"
+        for field in sorted(saved.keys() & live.keys() - _IGNORED_FIELDS)
+        if _forward(field, _plain(saved[field])) != _forward(field, live[field])
     ]
     if differ:
         raise ValueError(
@@ -122,31 +147,37 @@ def _check_config(path: str, live_config, adapter_name: str) -> None:
         )
 
 
+def _forward(field: str, value):
+    """What of a config value the forward depends on."""
+    if field == "init_lora_weights" and value in _RANDOM_INITS:
+        return "random"
+    return value
+
+
 def _plain(value):
-    """JSON's view of a config value: enums as their values, tuples as lists."""
+    """JSON's view of a config value: enums as their values, tuples and sets as lists."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_plain(v) for v in value)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return getattr(value, "value", value)
 
 
-def _file_key_map(
-    model: nn.Module, adapter_name: str, params: dict[str, nn.Parameter]
-) -> dict[str, str]:
-    """File key -> live parameter name, as peft's own save path maps them."""
+def _file_keys(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """File key -> the live tensor (parameter or buffer) it is saved from, as peft's own save
+    path maps them."""
     from peft import get_peft_model_state_dict
 
-    # Handing peft the Parameter objects themselves (keep_vars) makes its key transform reveal
-    # which live parameter each file key comes from: no string rules of our own.
-    by_file_key = get_peft_model_state_dict(
+    # Handing peft the tensors themselves (keep_vars) makes its key transform reveal which live
+    # tensor each file key comes from: no string rules of our own.
+    return get_peft_model_state_dict(
         model,
         state_dict=model.state_dict(keep_vars=True),
         adapter_name=adapter_name,
         save_embedding_layers=False,
     )
-    name_of = {id(p): n for n, p in params.items()}
-    return {k: name_of[id(v)] for k, v in by_file_key.items() if id(v) in name_of}
 
 
 def load_adapter_dict(
@@ -231,11 +262,21 @@ def read_adapter(
             f"{fn}: the model has no adapter {adapter_name!r}; its adapters: "
             f"{keys(model.peft_config)}"
         )
+    config = model.peft_config[adapter_name]
+    if getattr(config, "is_prompt_learning", False):
+        raise ValueError(
+            f"{fn}: adapter {adapter_name!r} is a {_plain(config.peft_type)} adapter (prompt "
+            "learning): its file holds virtual-token embeddings that peft feeds in front of the "
+            "input, not weights of the model's layers, so there is nothing to swap. fieldkit "
+            "swaps the weights of layer adapters (LoRA, DoRA, LoHa, IA3, ...)."
+        )
     path = weights_path(adapter_dir, adapter_name, weights_filename)
-    _check_config(path, model.peft_config[adapter_name], adapter_name)
+    _check_config(path, config, adapter_name)
 
     params = sharding.named_parameters(model)
-    live_name = _file_key_map(model, adapter_name, params)
+    by_file_key = _file_keys(model, adapter_name)
+    name_of = {id(p): n for n, p in params.items()}
+    live_name = {k: name_of[id(v)] for k, v in by_file_key.items() if id(v) in name_of}
     from safetensors import safe_open
 
     with reading(fn, path):
@@ -275,17 +316,61 @@ def read_adapter(
             f"Skipped file key(s): {keys(skipped) or 'none'}. "
             f"Missing trainable parameter(s): {keys(missing) or 'none'}."
         )
-    state = {}
+    state: StateDict = {}
     with reading(fn, path):
         with safe_open(path, framework="pt", device="cpu") as f:
+            unread = _unread(model, skipped, by_file_key, live_name, name_of, f.get_tensor)
             for k, n in wanted.items():
                 like = sharding.local(params[n])
                 index = sharding.shard_index(params[n])
                 # A sharded (FSDP2) parameter reads only this rank's shard from the file.
                 value = f.get_tensor(k) if index is None else f.get_slice(k)[index]
                 state[n] = host_copy(value, like=like)
+    ours = set(live_name.values())
+    unread += [f"{n!r} (live, trainable: not in the file)" for n in missing if n in ours]
+    if unread:
+        warnings.warn(
+            f"{fn}: the reference will differ from {path!r}: {first(unread, 6, '; ')}. "
+            "Tolerated because strict=False; pass strict=True to make this an error.",
+            UserWarning,
+            stacklevel=3,
+        )
     report = LoadReport(path, tuple(sorted(state)), skipped, missing)
     return dict(sorted(state.items())), report, params
+
+
+def _unread(model, skipped, by_file_key, live_name, name_of, read) -> list[str]:
+    """Check what the file holds beyond the trainable tensors against the model: a buffer the
+    forward reads (VeRA's projections, ...) that differs is an error; a frozen weight that
+    differs, a tensor of this adapter left frozen, or a key the model has nothing for, is
+    returned, described, for the caller's warning."""
+    live_tensors = model.state_dict(keep_vars=True)
+    unread, buffers = [], []
+    for k in skipped:
+        live = by_file_key.get(k)
+        if k in live_name:
+            unread.append(f"{k!r} (its live parameter is frozen)")
+        elif live is not None and id(live) not in name_of:
+            if not _same(read(k), live):
+                buffers.append(k)
+        elif k in live_tensors:
+            if not _same(read(k), live_tensors[k]):
+                unread.append(f"{k!r} (differs from the live, frozen weight)")
+        else:
+            unread.append(f"{k!r} (no such tensor in the live model)")
+    if buffers:
+        raise ValueError(
+            f"load_adapter_dict: buffer(s) {keys(buffers)} in the file differ from the live "
+            "model's, and the forward reads them (e.g. VeRA's shared projections, made from "
+            "projection_prng_key): build the live adapter the way the saved one was built."
+        )
+    return unread
+
+
+def _same(saved: torch.Tensor, live: torch.Tensor) -> bool:
+    index = sharding.shard_index(live)
+    saved, live = (saved if index is None else saved[index]), sharding.local(live)
+    return saved.shape == live.shape and torch.equal(saved.to(live.dtype), live.detach().cpu())
 
 
 @contextmanager
