@@ -298,3 +298,16 @@ def test_a_failure_on_the_way_out_still_restores(model, mode, monkeypatch):
     with snap:  # usable again, and the next entry keeps the live weights too
         pass
     assert_unchanged(model, before)
+
+
+def test_a_copy_mode_snapshot_first_entered_in_inference_mode_works_outside_it(model):
+    snap = LoraReferenceSnapshot(model, mode="copy")
+    expected_ref = logits(model)
+    perturb(model, seed=7)
+    before = fingerprint(model)
+    with torch.inference_mode(), snap:  # the stash is allocated here
+        assert torch.equal(model(TOKENS).logits, expected_ref)
+    with snap:
+        assert torch.equal(logits(model), expected_ref)
+    assert_unchanged(model, before)
+    snap.update_(model, 0.5)

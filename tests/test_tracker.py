@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TOKENS, peft_model
+from helpers import DELTA_PATHS, TOKENS, delta_path, peft_model
 
 from fieldkit.training import (
     LoraReferenceSnapshot,
@@ -103,3 +103,34 @@ def test_tracker_follows_the_model_replaced_modules_and_swapped_storage_included
 
 def len_of(state):
     return sum(t.numel() for t in state.values())
+
+
+@pytest.mark.parametrize("path", DELTA_PATHS)
+def test_a_non_contiguous_trainable_parameter_is_measured_every_time(path):
+    """The plan must not keep a one-time flat copy of a strided parameter (it would read 0
+    forever): a transposed view and a channels-last conv weight."""
+    with delta_path(path):
+        model = torch.nn.Module()
+        base = torch.nn.Parameter(torch.randn(6, 4))
+        model.tied = torch.nn.Parameter(base.detach().t())  # a transposed view, as peft ties
+        model.conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        assert not model.tied.is_contiguous() and not model.conv.weight.is_contiguous()
+        tracker = WeightDeltaTracker(model)
+        for step in (1.0, 2.0):
+            with torch.no_grad():
+                model.tied.add_(1.0)
+                model.conv.weight.add_(1.0)
+            expected = weight_delta(tracker._before, dict(model.named_parameters()))
+            assert tracker.delta() == expected and math.isclose(expected[1], step, rel_tol=1e-5)
+
+
+def test_a_tracker_made_in_inference_mode_works_outside_it():
+    model = torch.nn.Linear(3, 2)
+    with torch.inference_mode():
+        tracker = WeightDeltaTracker(model)
+        assert tracker.delta() == (0.0, 0.0)
+    with torch.no_grad():
+        model.bias.add_(0.5)
+    assert tracker.delta()[1] == 0.5
+    tracker.reset()
+    assert tracker.delta() == (0.0, 0.0)

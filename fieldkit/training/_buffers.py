@@ -16,13 +16,14 @@ def host_copy(tensor: torch.Tensor, *, like: torch.Tensor) -> torch.Tensor:
     non-blocking."""
     pin = like.device.type == "cuda"
     stride = like.stride() if dense(like) else None
+    with torch.inference_mode(False):  # kept and written later, outside inference mode too
+        return _empty(tensor.shape, stride, like.dtype, pin).copy_(tensor.detach())
+
+
+def _empty(shape, stride, dtype, pin) -> torch.Tensor:
     if stride is None:
-        out = torch.empty(tensor.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
-    else:
-        out = torch.empty_strided(
-            tensor.shape, stride, dtype=like.dtype, device="cpu", pin_memory=pin
-        )
-    return out.copy_(tensor.detach())
+        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
+    return torch.empty_strided(shape, stride, dtype=dtype, device="cpu", pin_memory=pin)
 
 
 def span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -90,16 +91,19 @@ def packed(
     non-blocking copy)."""
     out: list[torch.Tensor] = [None] * len(likes)  # type: ignore[list-item]
     packs: list[Pack] = []
-    for (device, dtype), idx in groups(likes).items():
-        flat = torch.empty(
-            sum(likes[i].numel() for i in idx),
-            dtype=dtype,
-            device="cpu" if on_host else device,
-            pin_memory=on_host and device.type == "cuda",
-        )
-        for i, view in zip(idx, views(flat, [likes[i] for i in idx], strided=strided), strict=True):
-            out[i] = view
-        packs.append((device, flat, idx))
+    # Kept and written later: never inference tensors, even when made in inference mode.
+    with torch.inference_mode(False):
+        for (device, dtype), idx in groups(likes).items():
+            flat = torch.empty(
+                sum(likes[i].numel() for i in idx),
+                dtype=dtype,
+                device="cpu" if on_host else device,
+                pin_memory=on_host and device.type == "cuda",
+            )
+            like = [likes[i] for i in idx]
+            for i, view in zip(idx, views(flat, like, strided=strided), strict=True):
+                out[i] = view
+            packs.append((device, flat, idx))
     return out, packs
 
 

@@ -41,10 +41,14 @@ def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
 class _Run(NamedTuple):
     """A run of tensor pairs measured together: ``afters`` gathered into ``diff``, minus
     ``before``: one 1-D view when the befores lie back to back, else (slice of ``diff``,
-    before) pairs, one subtraction each."""
+    before) pairs, one subtraction each. ``afters`` are flat views, made once, except at the
+    indices ``strided``: a non-contiguous tensor has no flat view (``reshape`` would copy it
+    once, and the plan would read that stale copy forever), so it is flattened at each
+    measure."""
 
     pairs: list[tuple[torch.Tensor, torch.Tensor]]
     afters: list[torch.Tensor]
+    strided: tuple[int, ...]
     before: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]
     diff: torch.Tensor
 
@@ -77,9 +81,13 @@ class DeltaPlan:
             _, fused, rest = parts.setdefault(over, (a.device, [], []))
             if a.numel():
                 (fused if kernel and _kernel.fusable(b, a) else rest).append((b, a))
-        self.parts = [
-            _Part(over, device, fused, _runs(rest)) for over, (device, fused, rest) in parts.items()
-        ]
+        # The scratch and its views are written at every measure, in inference mode or out of
+        # it: never make them inference tensors.
+        with torch.inference_mode(False):
+            self.parts = [
+                _Part(over, device, fused, _runs(rest))
+                for over, (device, fused, rest) in parts.items()
+            ]
 
     def measure(self) -> tuple[float, float]:
         """``(l2, max_abs)`` over every part; parts of sharded parameters are summed (and
@@ -124,7 +132,9 @@ def _runs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[_Run]:
             if before is None:
                 slices = views(diff, [a for _, a in run])
                 before = [(d, b) for d, (b, _) in zip(slices, run, strict=True)]
-            runs.append(_Run(run, [a.reshape(-1) for _, a in run], before, diff))
+            strided = tuple(i for i, (_, a) in enumerate(run) if not a.is_contiguous())
+            afters = [a if i in strided else a.view(-1) for i, (_, a) in enumerate(run)]
+            runs.append(_Run(run, afters, strided, before, diff))
     return runs
 
 
@@ -134,7 +144,10 @@ def _partial(runs: list[_Run]) -> tuple[float, float]:
     A few ops per run instead of three per tensor, and the buffer stays in cache."""
     results = []  # (run, sum of squares, (min, max)), read after all are queued
     for run in runs:
-        d = torch.cat(run.afters, out=run.diff)
+        afters = run.afters
+        if run.strided:
+            afters = [a.reshape(-1) if i in run.strided else a for i, a in enumerate(afters)]
+        d = torch.cat(afters, out=run.diff)
         if isinstance(run.before, torch.Tensor):
             d.sub_(run.before.to(d.device, non_blocking=True))
         else:

@@ -19,8 +19,9 @@ def capture_trainable(model: nn.Module, /) -> StateDict:
 
     Returns:
         A new dict ``{name: tensor}`` keyed by ``named_parameters()`` names. The tensors are
-        contiguous CPU copies (pinned when the parameter is on CUDA), detached, never sharing
-        storage with the model. Empty when nothing is trainable.
+        CPU copies in the parameter's layout (strides, for a dense parameter; pinned when the
+        parameter is on CUDA), detached, never sharing storage with the model. Empty when
+        nothing is trainable.
 
     Raises:
         ValueError: a trainable parameter fieldkit cannot read (offloaded to ``meta``, FSDP1,
