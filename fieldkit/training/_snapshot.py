@@ -116,7 +116,7 @@ class LoraReferenceSnapshot:
         swap, values = plan(
             "LoraReferenceSnapshot", self._model, state, "snapshot", self.mode, params
         )
-        swap.readers.check(swap.fn)
+        swap.check_readers()
         binding = Binding(self._model, swap.names)
         self._values, self._packs = pack(
             values, [sharding.local(p) for p in swap.params], strided=True
@@ -222,13 +222,11 @@ class LoraReferenceSnapshot:
         except BaseException:
             owner.leave(token, lambda: torch.set_grad_enabled(grad))
             raise
-        # Pointer mode on the snapshot's own device: the parameters are the snapshot's tensors.
-        in_place = [s is v for s, v in zip(staged, self._values, strict=True)]
-        self._exit = (token, grad, self._swap.versions, in_place)
+        self._exit = (token, grad, self._swap.versions, staged)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        token, grad, since, in_place = self._exit
+        token, grad, since, staged = self._exit
         written: list[str] = []
 
         def undo() -> None:
@@ -249,8 +247,11 @@ class LoraReferenceSnapshot:
                 "blocks in the reverse order of entering them."
             )
         if written:
-            index = {n: i for i, n in enumerate(self._swap.names)}
-            self._spoiled = [n for n in written if self.mode == "pointer" and in_place[index[n]]]
+            # Pointer mode on the snapshot's own device: the parameters were its tensors.
+            held = dict(zip(self._swap.names, zip(staged, self._values, strict=True), strict=True))
+            self._spoiled = [
+                n for n in written if self.mode == "pointer" and held[n][0] is held[n][1]
+            ]
             raise RuntimeError(
                 f"LoraReferenceSnapshot: parameter(s) {keys(written)} were written in place "
                 "inside `with snap:` (an optimizer.step(), or another in-place op, on the "

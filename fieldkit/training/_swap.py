@@ -98,9 +98,15 @@ class Swap:
     ):
         self.fn, self.names, self.params, self.mode = fn, names, params, mode
         self.copied = [i for i, p in enumerate(params) if mode == "copy" or sharding.is_sharded(p)]
-        self.readers = Readers(model, names)
-        self.owner = Owner.of(model)
+        self.model, self.owner = model, Owner.of(model)
+        self._readers: Readers | None = None  # made on the first put: restore never needs it
         self.versions: list[int] = []
+
+    def check_readers(self) -> None:
+        """Refuse, naming layers and fixes, a swap the model's peft layers would not read."""
+        if self._readers is None:
+            self._readers = Readers(self.model, self.names)
+        self._readers.check(self.fn)
 
     def stash(self) -> list[torch.Tensor]:
         """Room for the live values of the copied parameters, one buffer per (device, dtype)."""
@@ -116,7 +122,7 @@ class Swap:
             ValueError: a peft layer that reads a parameter would not read the swapped value
                 (merged, disabled, another adapter active); nothing was changed.
         """
-        self.readers.check(self.fn)
+        self.check_readers()
         params, copied = self.params, self.copied
         datas = [sharding.local(p) for p in params]
         displaced = list(datas)
