@@ -11,6 +11,8 @@ they bind again through the full checks.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -34,22 +36,33 @@ class Binding:
             param = module._parameters[leaf]
             edges[id(module._parameters), leaf] = (module._parameters, leaf, param)
             self.params.append(param)
-        self._edges = list(edges.values())
+        # Kept as parallel lists, so that `current` runs as C-level maps and list compares.
+        self._dicts = [d for d, _, _ in edges.values()]
+        self._keys = [k for _, k, _ in edges.values()]
+        self._objs = [o for _, _, o in edges.values()]  # held, so that no id is reused
+        self._ids = list(map(id, self._objs))
         self.sharded = [sharding.is_sharded(p) for p in self.params]
+        self._any_sharded = any(self.sharded)
         self.fsdp = sharding.fsdp_modules(model) if any(self.sharded) else []
         self._signature = self._sign()
 
-    def _sign(self) -> list[tuple]:
-        sign = []
-        for p, s in zip(self.params, self.sharded, strict=True):
-            t = sharding.local(p) if s else p
-            sign.append((p.shape, p.dtype, p.device, t.stride(), t.data_ptr()))
-        return sign
+    def _sign(self) -> tuple[list, list, list]:
+        params = self.params
+        tensors = [sharding.local(p) for p in params] if self._any_sharded else params
+        return (
+            list(map(_meta, params)),
+            list(map(torch.Tensor.stride, tensors)),
+            list(map(torch.Tensor.data_ptr, tensors)),
+        )
 
     def current(self) -> bool:
         """Whether every name still leads to the same parameter, with the same shape, dtype,
         device, strides and storage."""
+        # By id: `==` on tensors would compare values.
         return (
-            all(d.get(key) is obj for d, key, obj in self._edges)
+            list(map(id, map(dict.get, self._dicts, self._keys))) == self._ids
             and self._sign() == self._signature
         )
+
+
+_meta = operator.attrgetter("shape", "dtype", "device")
