@@ -1,0 +1,255 @@
+"""fieldkit as the reference of TRL's own trainers: real trainers, one or two steps on the CPU.
+
+A tiny Llama from a config, a WordLevel tokenizer built in code, datasets from
+``Dataset.from_dict``. With an embedding LoRA, TRL's own "ref" adapter misses the embedding
+tensors, so its step-1 KL is not 0; with a snapshot it is exactly 0, as it must be (policy and
+reference are the same adapter at step 1)."""
+
+import subprocess
+import sys
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers
+from helpers import base_model, perturb
+
+trl = pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[trl]')")
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+
+from fieldkit.training import LoraReferenceSnapshot  # noqa: E402
+from fieldkit.training.hf import ReferenceSyncCallback  # noqa: E402
+from fieldkit.training.trl import SnapshotReference, use_snapshot_reference  # noqa: E402
+
+EMBEDDING = ["q_proj", "v_proj", "embed_tokens"]
+NO_EMBEDDING = ["q_proj", "v_proj"]
+
+
+def _tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"w{i}": i + 3 for i in range(61)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+    )
+
+
+def _policy(targets=EMBEDDING, seed=1):
+    """A PeftModel with a pre-trained (non-zero) adapter: TRL then builds its 'ref' copy."""
+    base = base_model(0)
+    for config in (base.config, base.generation_config):
+        config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, 2
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
+    perturb(model, seed, scale=0.05)
+    return model
+
+
+PROMPTS = {"prompt": ["w1 w2 w3", "w4 w5 w6", "w7 w8", "w9 w10 w11"]}
+COMMON = dict(
+    use_cpu=True,
+    max_steps=1,
+    logging_steps=1,
+    report_to=[],
+    save_strategy="no",
+    disable_tqdm=True,
+    seed=0,
+)
+
+
+def _reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def _trainer(kind, tmp_path, *, targets=EMBEDDING, **options):
+    """A real TRL trainer of ``kind`` over a fresh policy."""
+    common = {**COMMON, "output_dir": str(tmp_path / kind), **options}
+    if kind in ("grpo", "rloo"):
+        config = (trl.GRPOConfig if kind == "grpo" else trl.RLOOConfig)(
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=4,
+            beta=common.pop("beta", 0.1),
+            **common,
+        )
+        cls = trl.GRPOTrainer if kind == "grpo" else trl.RLOOTrainer
+        return cls(
+            model=_policy(targets),
+            reward_funcs=_reward,
+            args=config,
+            train_dataset=Dataset.from_dict(PROMPTS),
+            processing_class=_tokenizer(),
+        )
+    if kind == "dpo":
+        data = {
+            "prompt": ["w1 w2", "w3 w4"],
+            "chosen": [" w5 w6", " w7"],
+            "rejected": [" w8", " w9 w10"],
+        }
+        config, cls = trl.DPOConfig(per_device_train_batch_size=2, **common), trl.DPOTrainer
+    else:
+        data = {
+            "prompt": ["w1 w2", "w3 w4", "w5", "w6 w7"],
+            "completion": [" w5 w6", " w7", " w8", " w9"],
+            "label": [True, False, True, False],
+        }
+        config, cls = trl.KTOConfig(per_device_train_batch_size=4, **common), trl.KTOTrainer
+    return cls(
+        model=_policy(targets),
+        args=config,
+        train_dataset=Dataset.from_dict(data),
+        processing_class=_tokenizer(),
+    )
+
+
+def _of_ref(name: str) -> bool:
+    return ".ref." in name or name.endswith(".ref")
+
+
+# What each trainer logs that is exactly 0 when the reference is the policy.
+ZERO_AT_STEP_1 = {
+    "grpo": ("kl",),
+    "rloo": ("kl",),
+    "dpo": ("rewards/chosen", "rewards/rejected", "rewards/margins"),
+    "kto": ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins"),
+}
+
+
+def _train(trainer) -> list[dict]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    transformers.logging.set_verbosity_error()
+
+
+@pytest.mark.parametrize("kind", sorted(ZERO_AT_STEP_1))
+def test_an_online_snapshot_gives_exactly_zero_at_step_1_with_one_adapter(kind, tmp_path):
+    trainer = _trainer(kind, tmp_path)
+    model = trainer.model
+    assert "ref" in model.peft_config  # TRL's second adapter
+    flags = {n: p.requires_grad for n, p in model.named_parameters() if not _of_ref(n)}
+    training = model.training
+    snap = use_snapshot_reference(trainer)
+    assert isinstance(trainer.ref_model, SnapshotReference) and trainer.ref_model.snapshot is snap
+    assert list(model.peft_config) == ["default"]
+    assert not any(_of_ref(n) for n, _ in model.named_parameters())
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert model.training == training
+    assert len(snap) == sum(p.requires_grad for p in model.parameters())
+    step1 = _train(trainer)[0]
+    for key in ZERO_AT_STEP_1[kind]:
+        assert step1[key] == 0.0, (key, step1[key])
+    if kind == "dpo":
+        assert step1["loss"] == pytest.approx(0.693147, abs=1e-6)  # ln 2
+
+
+@pytest.mark.parametrize("kind", sorted(ZERO_AT_STEP_1))
+def test_trls_own_reference_is_off_at_step_1_with_an_embedding_lora(kind, tmp_path):
+    """The anchor: TRL 1.16's own 'ref' adapter misses the embedding tensors. If a TRL release
+    fixes that, this says so, rather than failing silently."""
+    step1 = _train(_trainer(kind, tmp_path))[0]
+    off = [key for key in ZERO_AT_STEP_1[kind] if step1[key] != 0.0]
+    assert off, (
+        f"TRL {trl.__version__}'s own reference now gives {ZERO_AT_STEP_1[kind]} == 0 at step 1 "
+        "with an embedding LoRA: its 'ref' copy is fixed; update README 'With TRL'."
+    )
+
+
+def test_a_from_disk_reference_gives_exactly_zero_at_step_1(tmp_path):
+    _policy().save_pretrained(tmp_path / "sft")  # the same adapter the trainer starts from
+    trainer = _trainer("grpo", tmp_path)
+    snap = LoraReferenceSnapshot.from_disk(trainer.model, tmp_path / "sft")
+    assert use_snapshot_reference(trainer, snap) is snap
+    assert _train(trainer)[0]["kl"] == 0.0
+    other = _trainer("dpo", tmp_path)
+    use_snapshot_reference(other, LoraReferenceSnapshot.from_disk(other.model, tmp_path / "sft"))
+    assert _train(other)[0]["rewards/margins"] == 0.0
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dpo"])
+def test_without_embeddings_every_logged_figure_equals_trls_own_path(kind, tmp_path):
+    """Parity where TRL's copy is right: two steps, every per-step metric the same."""
+    options = dict(max_steps=2)
+    theirs = _train(_trainer(kind, tmp_path, targets=NO_EMBEDDING, **options))
+    trainer = _trainer(kind, tmp_path, targets=NO_EMBEDDING, **options)
+    use_snapshot_reference(trainer)
+    ours = _train(trainer)
+    timing = {"step_time"}
+    assert [{k: v for k, v in h.items() if k not in timing} for h in ours] == [
+        {k: v for k, v in h.items() if k not in timing} for h in theirs
+    ]
+
+
+def test_only_this_trainer_changes(tmp_path):
+    ours, theirs = _trainer("grpo", tmp_path), _trainer("grpo", tmp_path)
+    use_snapshot_reference(ours)
+    assert theirs.ref_model is None and "ref" in theirs.model.peft_config
+    assert _train(theirs)[0]["kl"] != 0.0  # TRL's own path, untouched
+    assert _train(ours)[0]["kl"] == 0.0
+
+
+def test_a_soft_reference_through_reference_sync_callback_inside_trl(tmp_path):
+    """TR-DPO for PEFT: alpha=1 every step makes the reference the policy after each step, so
+    every step's rewards are 0 again; the snapshot ends equal to the trained policy."""
+    trainer = _trainer("dpo", tmp_path, max_steps=3, learning_rate=1e-2)
+    snap = use_snapshot_reference(trainer)
+    start = {k: v.clone() for k, v in snap.state.items()}
+    trainer.add_callback(ReferenceSyncCallback(snap, alpha=1.0, every=1))
+    history = _train(trainer)
+    assert [h["rewards/margins"] for h in history] == [0.0, 0.0, 0.0]
+    live = dict(trainer.model.named_parameters())
+    assert all(torch.equal(v, live[k].detach()) for k, v in snap.state.items())
+    assert any(not torch.equal(v, start[k]) for k, v in snap.state.items())
+
+
+def test_refusals_name_the_problem(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="beta=0"):
+        use_snapshot_reference(_trainer("grpo", tmp_path, beta=0.0))
+    with pytest.raises(ValueError, match="precompute_ref_log_probs=True"):
+        use_snapshot_reference(_trainer("dpo", tmp_path, precompute_ref_log_probs=True))
+    trainer = _trainer("grpo", tmp_path)
+    with pytest.raises(TypeError, match="another model"):
+        use_snapshot_reference(trainer, LoraReferenceSnapshot(_policy()))
+    monkeypatch.setattr(trl, "__version__", "1.99.0")
+    with pytest.raises(RuntimeError, match=r"TRL 1\.99\.0 .*supported: 1\.16\.x"):
+        use_snapshot_reference(trainer)
+    monkeypatch.undo()
+    assert "ref" in trainer.model.peft_config and trainer.ref_model is None  # nothing changed
+    sft = trl.SFTTrainer(
+        model=_policy(),
+        args=trl.SFTConfig(output_dir=str(tmp_path / "sft"), **COMMON),
+        train_dataset=Dataset.from_dict({"text": ["w1 w2 w3"]}),
+        processing_class=_tokenizer(),
+    )
+    with pytest.raises(TypeError, match="SFTTrainer is not a trainer"):
+        use_snapshot_reference(sft)
+
+
+def test_a_model_that_is_not_a_peft_model_is_refused(tmp_path):
+    base = base_model(0)
+    for config in (base.config, base.generation_config):
+        config.pad_token_id, config.eos_token_id = 0, 1
+    trainer = trl.DPOTrainer(
+        model=base,
+        ref_model=base_model(0),
+        args=trl.DPOConfig(output_dir=str(tmp_path / "plain"), **COMMON),
+        train_dataset=Dataset.from_dict({"prompt": ["w1"], "chosen": [" w2"], "rejected": [" w3"]}),
+        processing_class=_tokenizer(),
+    )
+    with pytest.raises(TypeError, match=r"not a peft\.PeftModel"):
+        use_snapshot_reference(trainer)
+
+
+def test_importing_fieldkit_training_never_imports_trl():
+    code = "import fieldkit.training, fieldkit.training.hf, sys; assert 'trl' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
