@@ -149,7 +149,7 @@ def test_an_online_snapshot_gives_exactly_zero_at_step_1_with_one_adapter(kind, 
     for key in ZERO_AT_STEP_1[kind]:
         assert step1[key] == 0.0, (key, step1[key])
     if kind == "dpo":
-        assert step1["loss"] == pytest.approx(0.693147, abs=1e-6)  # ln 2
+        assert step1["loss"] == pytest.approx(0.693147, abs=1e-4)  # ln 2 (4.x logs 4 digits)
 
 
 @pytest.mark.parametrize("kind", sorted(ZERO_AT_STEP_1))
