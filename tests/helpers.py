@@ -28,6 +28,18 @@ VARIANTS = {
 }
 
 
+def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A tokenizer built in code: the words w0..w60 and three specials, one id each."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+    )
+
+
 def base_model(seed: int = 0, **config) -> transformers.LlamaForCausalLM:
     """A 2-layer Llama with random weights; the same seed gives the same base weights."""
     torch.manual_seed(seed)

@@ -65,3 +65,23 @@ def test_fsdp2_example_runs_on_two_ranks():
     assert all(float(r[3]) > 0 for r in rows)  # the global delta grows from step 0
     assert "rank 0 holds 1,536 of the 3,072 reference values" in done.stdout
     assert "all 8 tensor(s) moved" in lines
+
+
+@pytest.mark.slow
+def test_trl_example_gives_zero_kl_at_step_1_where_trl_does_not():
+    pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[trl]')")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "trl_grpo_reference.py"), "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    rows = [line.split() for line in lines if line[:4].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2]
+    assert float(rows[0][1]) == 0.0
+    (summary,) = [line for line in lines if line.startswith("step-1 KL:")]
+    assert summary.startswith("step-1 KL: 0 with the snapshot;")
+    assert float(summary.split("; ")[1].split()[0]) != 0.0
+    assert "adapters on the device: ['default']" in done.stdout

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from helpers import TOKENS, peft_model
+from helpers import TOKENS, peft_model, word_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -63,6 +63,34 @@ def _namespace(tmp_path):
         ),
         "args": args,
         "train_dataset": dataset,
+        **_trl_namespace(tmp_path),
+    }
+
+
+def _trl_namespace(tmp_path):
+    """What the README's TRL example names: a GRPO config and data, when TRL is installed."""
+    try:
+        import trl
+        from datasets import Dataset
+    except ImportError:
+        return {}
+    grpo_args = trl.GRPOConfig(
+        output_dir=str(tmp_path / "grpo"),
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=3,
+        beta=0.1,
+        max_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    return {
+        "grpo_args": grpo_args,
+        "prompts": Dataset.from_dict({"prompt": ["w1 w2", "w3 w4"]}),
+        "tokenizer": word_tokenizer(),
+        "reward": lambda completions, **kwargs: [float(len(c)) for c in completions],
     }
 
 
