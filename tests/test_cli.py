@@ -56,7 +56,9 @@ def test_diff_lists_missing_keys_and_shape_mismatches_and_top_n(adapters):
     assert all(".k_proj." in k for k in got["only_in_b"]) and len(got["only_in_b"]) == 4
     text = _cli("diff", adapters / "a", adapters / "c", "--top", "2").stdout
     assert "only in A (4)" in text and "only in B (4)" in text and "... 2 more (--top)" in text
-    mismatch = json.loads(_cli("diff", adapters / "a", adapters / "r8", "--json").stdout)
+    nothing = _cli("diff", adapters / "a", adapters / "r8", "--json")
+    assert nothing.returncode == 1 and "share no tensor" in nothing.stderr  # not "unchanged"
+    mismatch = json.loads(nothing.stdout)
     assert mismatch["compared"] == 0 and len(mismatch["shape_mismatch"]) == 8
     assert mismatch["shape_mismatch"][0]["shape_a"] == [4, 16]
 
@@ -97,3 +99,34 @@ def test_bad_paths_and_files_exit_2_with_a_message(adapters, tmp_path):
     usage = _cli("diff", adapters / "a")
     assert usage.returncode == 2 and "usage:" in usage.stderr
     assert _cli("diff", adapters / "a", adapters / "b", "--top", "-1").returncode == 2
+
+
+def _without(module: str, *args: str) -> subprocess.CompletedProcess:
+    """The CLI in a process where ``module`` cannot be imported, as if not installed."""
+    code = (
+        f"import sys, runpy; sys.modules[{module!r}] = None; sys.argv = ['x', *{list(args)!r}]; "
+        "runpy.run_module('fieldkit.training', run_name='__main__')"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_without_torch_help_works_and_commands_say_what_to_install(adapters):
+    done = _without("torch", "--help")
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+    done = _without("torch", "diff", str(adapters / "a"), str(adapters / "b"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "needs PyTorch" in done.stderr and "fieldkit-training" in done.stderr
+
+
+def test_without_safetensors_the_cli_exits_2_with_a_message(adapters):
+    done = _without("safetensors", "inspect", str(adapters / "a"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "needs safetensors" in done.stderr
+
+
+def test_version_says_which_cpu_delta_path():
+    from fieldkit.training import weight_delta_path
+
+    done = _cli("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1] == f"weight_delta on the CPU: {weight_delta_path()}"

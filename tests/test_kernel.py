@@ -14,7 +14,13 @@ from helpers import DELTA_PATHS, delta_path, peft_model
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fieldkit.training import WeightDeltaTracker, _kernel, capture_trainable, weight_delta
+from fieldkit.training import (
+    WeightDeltaTracker,
+    _kernel,
+    capture_trainable,
+    weight_delta,
+    weight_delta_path,
+)
 
 needs_kernel = pytest.mark.skipif(
     _kernel.library() is None, reason=f"no C kernel here: {_kernel.status()}"
@@ -137,8 +143,10 @@ def test_without_a_compiler_weight_delta_uses_torch_ops_and_says_why(tmp_path, m
     monkeypatch.delenv("FIELDKIT_NO_KERNEL", raising=False)
     _kernel._build.cache_clear()
     try:
-        assert _kernel.library() is None
+        with pytest.warns(UserWarning, match=r"torch ops on the CPU .*no-such-cc"):
+            assert _kernel.library() is None
         assert "could not be built" in _kernel.status() and "no-such-cc" in _kernel.status()
+        assert weight_delta_path() == _kernel.status()  # the public way to ask
         for got in (tracker.delta(), weight_delta(start, dict(model.named_parameters()))):
             assert math.isclose(got[0], expected[0], rel_tol=1e-6) and got[1] == expected[1]
     finally:

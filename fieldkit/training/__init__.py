@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # explicit re-exports for editors and type checkers
     from ._adapter import load_adapter_dict as load_adapter_dict
     from ._checks import StateDict as StateDict
     from ._delta import weight_delta as weight_delta
+    from ._delta import weight_delta_path as weight_delta_path
     from ._report import DeltaReport as DeltaReport
     from ._report import TensorDelta as TensorDelta
     from ._report import delta_report as delta_report
@@ -37,6 +38,7 @@ _EXPORTS = {
     "swap_in": "_swap",
     "restore": "_swap",
     "weight_delta": "_delta",
+    "weight_delta_path": "_delta",
     "soft_update_": "_state",
     "delta_report": "_report",
     "DeltaReport": "_report",
@@ -57,14 +59,34 @@ def __getattr__(name: str):
     except ModuleNotFoundError as e:
         if e.name != "torch" and not (e.name or "").startswith("torch."):
             raise
-        raise ImportError(
-            f"fieldkit.training.{name} needs PyTorch, which is not installed. Install it in "
-            "your training environment: pip install torch (CPU-only builds: add "
-            "--index-url https://download.pytorch.org/whl/cpu), or pip install 'fieldkit[torch]'."
-        ) from None
+        raise missing(f"fieldkit.training.{name}", "torch") from None
     value = getattr(module, name)
     globals()[name] = value
     return value
+
+
+DISTRIBUTION = "fieldkit-training"
+"""This project's name on the package registry (its ``fieldkit`` is another project)."""
+
+_TORCH_FIRST = (
+    "Install the torch build for your machine first (CPU only: pip install torch "
+    "--index-url https://download.pytorch.org/whl/cpu; CUDA: the command pytorch.org gives "
+    f"for your CUDA), then pip install '{DISTRIBUTION}[peft]'"
+)
+_EXTRA = {"peft": "peft", "transformers": "peft", "trl": "trl", "datasets": "trl"}
+
+
+def missing(what: str, module: str) -> ImportError:
+    """The one ImportError for a missing dependency: what needs it, and how to install it
+    without pulling a multi-GB CUDA torch by surprise."""
+    top = module.split(".")[0]
+    if top == "torch":
+        name, how = "PyTorch", _TORCH_FIRST
+    elif top in _EXTRA:
+        name, how = top, f"pip install '{DISTRIBUTION}[{_EXTRA[top]}]' (with torch installed)"
+    else:
+        name, how = top, f"pip install {top}"
+    return ImportError(f"{what} needs {name}, which is not installed: {how}.")
 
 
 def __dir__() -> list[str]:

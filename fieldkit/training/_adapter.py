@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import _sharding as sharding
+from . import missing
 from ._buffers import host_copy
 from ._checks import StateDict, first, keys
 
@@ -88,10 +89,7 @@ def _require(module: str, fn: str):
     try:
         return __import__(module)
     except ImportError:
-        raise ImportError(
-            f"{fn} needs {module}, which is not installed: pip install {module} "
-            "(or pip install 'fieldkit[peft]')"
-        ) from None
+        raise missing(fn, module) from None
 
 
 def weights_path(

@@ -4,7 +4,9 @@
     python -m fieldkit.training inspect ADAPTER [--json]
 
 ADAPTER is a directory written by ``save_pretrained`` or its ``.safetensors`` file. Exit status
-0 on success; 2 on a bad path or file (with a message saying which) or bad arguments.
+0 on success; 1 when ``diff`` finds no tensor the two adapters share (nothing was compared, so
+its figures say nothing); 2 on a bad path or file (with a message saying which), bad arguments,
+or a missing dependency. ``--version`` prints the version and the CPU delta path.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import math
 import os
 import sys
 
-from ._adapter import reading, saved_config, weights_path
-from ._checks import first
-from ._report import delta_report
+from .. import __version__
+from . import missing
 
 PROG = "python -m fieldkit.training"
 
@@ -27,6 +28,8 @@ BAD_INPUT = (FileNotFoundError, ValueError)
 
 
 def _path(adapter: str) -> str:
+    from ._adapter import weights_path
+
     if os.path.isfile(adapter):
         return adapter
     if not os.path.exists(adapter):
@@ -38,12 +41,17 @@ def _read(adapter: str) -> tuple[str, dict]:
     """The file's path and its tensors, keyed as in the file."""
     from safetensors.torch import load_file
 
+    from ._adapter import reading
+
     path = _path(adapter)
     with reading(PROG, path):
         return path, load_file(path)
 
 
 def diff(a: str, b: str, top: int | None) -> tuple[dict, str]:
+    from ._checks import first
+    from ._report import delta_report
+
     path_a, sa = _read(a)
     path_b, sb = _read(b)
     common = [k for k in sa if k in sb and sa[k].shape == sb[k].shape]
@@ -102,6 +110,8 @@ def diff(a: str, b: str, top: int | None) -> tuple[dict, str]:
 def inspect(adapter: str) -> tuple[dict, str]:
     from safetensors import safe_open
 
+    from ._adapter import reading, saved_config
+
     path = _path(adapter)
     with reading(PROG, path), safe_open(path, framework="pt") as f:
         tensors = [
@@ -126,7 +136,8 @@ def inspect(adapter: str) -> tuple[dict, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="store_true", help="version and CPU delta path")
+    commands = parser.add_subparsers(dest="command")
     p_diff = commands.add_parser("diff", help="L2 and max|Δ| between two saved adapters")
     p_diff.add_argument("adapter_a")
     p_diff.add_argument("adapter_b")
@@ -136,15 +147,35 @@ def main(argv: list[str] | None = None) -> int:
     p_inspect.add_argument("adapter")
     p_inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
+    if args.command is None and not args.version:
+        parser.error("a command is required (diff or inspect), or --version")
     if args.command == "diff" and args.top is not None and args.top < 0:
         parser.error("--top must be >= 0")
+    where = f"{PROG} {args.command or '--version'}"
     try:
+        if args.version:
+            from ._delta import weight_delta_path
+
+            print(f"fieldkit-training {__version__}")
+            print(f"weight_delta on the CPU: {weight_delta_path()}")
+            return 0
         if args.command == "diff":
             result, text = diff(args.adapter_a, args.adapter_b, args.top)
         else:
             result, text = inspect(args.adapter)
+    except ModuleNotFoundError as e:
+        print(f"{where}: {missing(PROG, e.name or 'torch')}", file=sys.stderr)
+        return 2
     except BAD_INPUT as e:
-        print(f"{PROG} {args.command}: {str(e).removeprefix(f'{PROG}: ')}", file=sys.stderr)
+        print(f"{where}: {str(e).removeprefix(f'{PROG}: ')}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else text)
+    if args.command == "diff" and not result["compared"]:
+        print(
+            f"{where}: the two adapters share no tensor (same key and shape), so nothing was "
+            "compared and the figures above say nothing; see the keys only in one and the "
+            "shape differences.",
+            file=sys.stderr,
+        )
+        return 1
     return 0

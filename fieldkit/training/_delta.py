@@ -209,3 +209,15 @@ def weight_delta(
     if meta:
         raise ValueError(f"weight_delta: no values to compare ('meta' tensors) for {keys(meta)}")
     return DeltaPlan([b for _, b, _ in pairs], [a for _, _, a in pairs]).measure()
+
+
+def weight_delta_path() -> str:
+    """Which path :func:`weight_delta` and :class:`WeightDeltaTracker` take for CPU tensors, and
+    why: ``"fused C kernel (<library>)"``, or ``"torch ops (<reason>)"`` where the kernel is
+    turned off (``FIELDKIT_NO_KERNEL=1``) or could not be built. Builds the kernel if it has
+    not been built yet. CUDA tensors always take torch ops.
+
+    >>> weight_delta_path().startswith(("fused C kernel", "torch ops"))
+    True
+    """
+    return _kernel.status()

@@ -1,11 +1,12 @@
 """The fused CPU weight delta (``_delta.c``), built on first use and loaded with ctypes.
 
 The C source is compiled once per machine with the system compiler (``$CC``, else Python's,
-else ``cc``) into a cache folder (``$FIELDKIT_CACHE``, else ``~/.cache/fieldkit``) under a name
+else ``cc``) into a cache folder (``$FIELDKIT_CACHE/fieldkit``, else
+``$XDG_CACHE_HOME/fieldkit``, else ``~/.cache/fieldkit``) under a name
 that hashes the source, the command and the machine, written atomically so that ranks starting
 together don't collide. Where it can't be built (no compiler, a read-only home, Windows),
-:func:`library` is ``None``, :func:`status` says why (also logged once, at INFO, to the
-``fieldkit`` logger) and :func:`~fieldkit.training.weight_delta` uses torch ops instead
+:func:`library` is ``None``, :func:`status` says why (also once as a ``UserWarning`` and at
+INFO to the ``fieldkit`` logger) and :func:`~fieldkit.training.weight_delta` uses torch ops instead
 (figures equal to within float32 rounding, about twice as slow). ``FIELDKIT_NO_KERNEL=1``
 turns the kernel off.
 
@@ -25,6 +26,7 @@ import shlex
 import subprocess
 import sysconfig
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -87,6 +89,12 @@ def _build() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # RuntimeError: no home
         _why = f"the C kernel could not be built: {err}"
         _log.info("fieldkit: weight_delta uses torch ops on the CPU; %s", _why)
+        warnings.warn(
+            f"fieldkit: weight_delta uses torch ops on the CPU (same figures, about twice as "
+            f"slow): {_why}. Set FIELDKIT_NO_KERNEL=1 to choose that path and silence this.",
+            UserWarning,
+            stacklevel=2,
+        )
         return None
     lib.fieldkit_delta.restype = ctypes.c_int
     lib.fieldkit_delta.argtypes = [

@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import warnings
 
-from torch import nn
+from . import missing
+
+try:
+    from torch import nn
+    from transformers import TrainerCallback
+except ModuleNotFoundError as e:  # exercised in a subprocess by the import tests
+    raise missing("fieldkit.training.hf", e.name or "torch") from None
 
 from ._checks import check_alpha
 from ._snapshot import LoraReferenceSnapshot
 from ._tracker import WeightDeltaTracker
-
-try:
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover - exercised in a subprocess by the import tests
-    raise ImportError(
-        "fieldkit.training.hf needs transformers: pip install transformers "
-        "(or pip install 'fieldkit[peft]')"
-    ) from None
 
 PREFIX = "weight_delta/"
 

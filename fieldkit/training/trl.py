@@ -14,8 +14,13 @@ this trainer only, to a plain callable that runs the trainer's own model inside
 
 from __future__ import annotations
 
-import trl
-from torch import nn
+from . import missing
+
+try:
+    import trl
+    from torch import nn
+except ModuleNotFoundError as e:  # exercised in a subprocess by the import tests
+    raise missing("fieldkit.training.trl", e.name or "trl") from None
 
 from ._snapshot import LoraReferenceSnapshot
 
