@@ -18,9 +18,10 @@ def _refuse_to_share() -> None:
     except metadata.PackageNotFoundError:
         return
     warnings.warn(
-        f"fieldkit: the registry's 'fieldkit' {other.version} (another project) is installed "
-        "beside this one ('fieldkit-training'). Both install a top-level 'fieldkit' package, so "
-        "one hides the other: pip uninstall fieldkit, then reinstall fieldkit-training.",
+        f"fieldkit: a distribution named 'fieldkit' ({other.version}) is installed beside "
+        "'fieldkit-training': the registry's 'fieldkit' (another project), or this project "
+        "installed under its old name. Both put a top-level 'fieldkit' package in place, so one "
+        "hides the other: pip uninstall fieldkit, then reinstall fieldkit-training.",
         UserWarning,
         stacklevel=3,
     )

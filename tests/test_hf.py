@@ -74,6 +74,8 @@ def test_figures_reach_log_history_and_match_a_hand_computation(tmp_path):
         assert math.isclose(entry["weight_delta/l2_since_start"], since_start[0], rel_tol=1e-6)
         assert entry["weight_delta/max_abs_since_start"] == since_start[1]
         assert entry["weight_delta/unmoved_tensors"] == 0
+    (summary,) = [h for h in trainer.state.log_history if "train_runtime" in h]
+    assert not any(k.startswith("weight_delta/") for k in summary)  # no "0 moved" after a run
 
 
 def test_learning_rate_zero_warns_once_and_names_the_cause(tmp_path):

@@ -90,3 +90,39 @@ def test_the_classes_and_functions_never_import_transformers_and_hf_says_what_it
     )
     assert done.returncode == 0, done.stderr
     assert "fieldkit.training.hf needs transformers" in done.stdout
+
+
+def test_the_registrys_fieldkit_installed_beside_this_one_is_named(tmp_path):
+    """Another project called fieldkit on the registry installs a top-level `fieldkit` too."""
+    info = tmp_path / "fieldkit-0.34.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fieldkit\nVersion: 0.34.1\n")
+    done = _run(
+        f"""
+        import sys, warnings
+        sys.path.append({str(tmp_path)!r})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import fieldkit.training
+        print(*[w.message for w in caught], sep="\\n")
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "named 'fieldkit' (0.34.1) is installed beside 'fieldkit-training'" in done.stdout
+    assert "pip uninstall fieldkit" in done.stdout
+
+
+def test_install_hints_name_this_distribution_and_never_a_bare_torch():
+    done = _run(
+        """
+        import sys
+        sys.modules["torch"] = None
+        try:
+            import fieldkit.training.hf
+        except ImportError as e:
+            print(e)
+        """
+    )
+    assert "fieldkit-training[peft]" in done.stdout
+    assert "--index-url https://download.pytorch.org/whl/cpu" in done.stdout
+    assert "'fieldkit[" not in done.stdout

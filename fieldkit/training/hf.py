@@ -82,6 +82,8 @@ class WeightDeltaCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._start is None or logs is None or any(k.startswith("eval_") for k in logs):
             return
+        if "train_runtime" in logs:  # Trainer's end-of-run summary, not a training log:
+            return  # "since the previous log" would be nothing, and read as "did not move"
         report = self._since_log.report()
         l2_total, max_total = self._start.delta()
         figures = {
