@@ -23,10 +23,12 @@ Then a sweep over LoRA ranks gives the plot of round-trip time against adapter s
 Run it from the repository root (``pip install -e ".[bench]"`` first)::
 
     python benchmarks/swap_bench.py            # the full run, a few minutes on 2 CPU cores
+    python benchmarks/swap_bench.py --runs 3   # three whole runs: medians and their spread
     python benchmarks/swap_bench.py --quick    # tiny shapes, few rounds: a smoke run
 
-It prints a table (ratios to the floor and to one forward) and writes ``swap_bench.json`` and
-``swap_bench.png`` to ``--out`` (default ``benchmarks/results``). It runs on CUDA, with
+It prints a table (ratios to the floor timed in the same table's rounds, and to one forward)
+and writes ``swap_bench.json`` and ``swap_bench.png`` to ``--out`` (default
+``benchmarks/results``; ``benchmarks/results-quick`` for ``--quick``). It runs on CUDA, with
 CUDA-event timing, when a GPU is present (``--device`` to choose).
 """
 
@@ -395,9 +397,9 @@ def run_case(name, shape, dtype, r, device, rounds, timer, forward_rounds) -> di
             model(batch)
 
     fwd = interleaved({"forward": forward}, timer, forward_rounds, warmup=1)["forward"][0]
-    floor_ms = swap_times["floor"][0]
 
     def rows(times, extra=None):
+        floor_ms = times["floor"][0]  # each table against the floor timed in its own rounds
         return [
             {
                 "method": n,
@@ -419,7 +421,8 @@ def run_case(name, shape, dtype, r, device, rounds, timer, forward_rounds) -> di
         "tensors": len(ref),
         "adapter_bytes": nbytes,
         "largest_tensor_bytes": max(v.numel() * v.element_size() for v in ref.values()),
-        "floor_ms": floor_ms,
+        "floor_ms": swap_times["floor"][0],
+        "delta_floor_ms": delta_times["floor"][0],
         "forward_ms": fwd,
         "swap": rows(swap_times)
         + [{"method": n, "skipped": m} for n, m in methods.items() if isinstance(m, str)],
@@ -443,27 +446,57 @@ def table(case: dict) -> str:
         f"\n{case['case']}: {case['tensors']} LoRA tensors, r={case['r']}, {case['dtype']}, "
         f"{human(case['adapter_bytes'])} (largest tensor {human(case['largest_tensor_bytes'])}); "
         "floor (one copy of those bytes) "
-        f"{case['floor_ms']:.3f} ms; one forward (4 x 64 tokens) {case['forward_ms']:.1f} ms\n"
+        f"{case['floor_ms']:.3f} ms in the swap rounds, {case['delta_floor_ms']:.3f} ms in the "
+        f"delta rounds; one forward (4 x 64 tokens) {case['forward_ms']:.1f} ms"
+        + (f"; medians over {case['runs']} runs" if case.get("runs", 1) > 1 else "")
+        + "\n"
     )
     lines = [
         f"| {'method':<50} | {'median ms':>9} | {'min ms':>8} | {'x floor':>7} | "
-        f"{'x forward':>9} | {'peak extra':>10} |",
-        f"|{'-' * 52}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 11}|{'-' * 12}|",
+        f"{'x floor, runs':>13} | {'x forward':>9} | {'peak extra':>10} |",
+        f"|{'-' * 52}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 15}|{'-' * 11}|{'-' * 12}|",
     ]
     for section in ("swap", "delta"):
         label = "round trip: swap in + restore" if section == "swap" else "weight delta"
-        lines.append(f"| **{label}** |  |  |  |  |  |")
+        lines.append(f"| **{label}** |  |  |  |  |  |  |")
         for row in case[section]:
             if "skipped" in row:
-                lines.append(f"| {row['method']:<50} | {row['skipped']} |  |  |  |  |")
+                lines.append(f"| {row['method']:<50} | {row['skipped']} |  |  |  |  |  |")
                 continue
             peak = row.get("peak_extra_bytes")
             peak = human(peak) if peak is not None else ""
+            lo, hi = row.get("x_floor_runs", (row["x_floor"], row["x_floor"]))
             lines.append(
                 f"| {row['method']:<50} | {row['median_ms']:>9.3f} | {row['min_ms']:>8.3f} | "
-                f"{row['x_floor']:>7.2f} | {row['x_forward']:>9.4f} | {peak:>10} |"
+                f"{row['x_floor']:>7.2f} | {f'{lo:.2f}-{hi:.2f}':>13} | "
+                f"{row['x_forward']:>9.4f} | {peak:>10} |"
             )
     return head + "\n".join(lines)
+
+
+def combine(runs: list[list[dict]]) -> list[dict]:
+    """One case list from several runs: each figure the median over the runs, and each
+    ratio's min and max over them (``x_floor_runs``), so the spread is there to read."""
+    if len(runs) == 1:
+        return runs[0]
+    cases = []
+    for same in zip(*runs, strict=True):
+        case = {**same[0], "runs": len(same)}
+        for key in ("floor_ms", "delta_floor_ms", "forward_ms"):
+            case[key] = statistics.median(c[key] for c in same)
+        for section in ("swap", "delta"):
+            case[section] = []
+            for rows in zip(*(c[section] for c in same), strict=True):
+                row = dict(rows[0])
+                if "skipped" not in row:
+                    for key in ("median_ms", "x_floor", "x_forward"):
+                        row[key] = statistics.median(r[key] for r in rows)
+                    row["min_ms"] = min(r["min_ms"] for r in rows)
+                    ratios = [r["x_floor"] for r in rows]
+                    row["x_floor_runs"] = (min(ratios), max(ratios))
+                case[section].append(row)
+        cases.append(case)
+    return cases
 
 
 def plot(sweep: list[dict], path: Path) -> str:
@@ -499,13 +532,25 @@ def plot(sweep: list[dict], path: Path) -> str:
 # --- main --------------------------------------------------------------------------------
 
 
+def default_out(quick: bool) -> Path:
+    """Where results go unless ``--out`` says: a smoke run never overwrites the full run's."""
+    return Path(__file__).parent / ("results-quick" if quick else "results")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few rounds (smoke)")
     ap.add_argument("--rounds", type=int, help="timed rounds per method (default 30; quick 3)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--runs", type=int, default=1, help="whole runs, for the spread (default 1)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="where the JSON and plot go (default results/; results-quick/ for --quick, so a "
+        "smoke run never overwrites the committed figures)",
+    )
     args = ap.parse_args(argv)
+    args.out = args.out or default_out(args.quick)
     rounds = args.rounds or (3 if args.quick else 30)
     big, small = (TINY, TINY) if args.quick else (FULL, SMALL)
     ranks = [2, 4] if args.quick else [4, 8, 16, 32, 64]
@@ -518,10 +563,17 @@ def main(argv: list[str] | None = None) -> dict:
         ("bfloat16", big, torch.bfloat16, r_big),
         ("small", small, torch.float32, r_small),
     ]
-    cases = [
-        run_case(name, shape, dtype, r, args.device, rounds, timer, fwd_rounds)
-        for name, shape, dtype, r in specs
-    ]
+    runs = []
+    for run in range(args.runs):
+        if args.runs > 1:
+            log(f"=== run {run + 1} of {args.runs}")
+        runs.append(
+            [
+                run_case(name, shape, dtype, r, args.device, rounds, timer, fwd_rounds)
+                for name, shape, dtype, r in specs
+            ]
+        )
+    cases = combine(runs)
     sweep = []
     base = build_base(big, torch.float32, args.device)
     for r in ranks:
@@ -560,9 +612,12 @@ def main(argv: list[str] | None = None) -> dict:
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
             "weight_delta on the CPU": _kernel.status(),
         },
-        "command": "python benchmarks/swap_bench.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/swap_bench.py"
+        + (" --quick" if args.quick else "")
+        + (f" --runs {args.runs}" if args.runs > 1 else ""),
         "rounds": rounds,
         "cases": cases,
+        "runs": runs if args.runs > 1 else None,
         "sweep": sweep,
     }
     args.out.mkdir(parents=True, exist_ok=True)
