@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _sharding as sharding
-from ._adapter import LoadReport, read_adapter
+from ._adapter import LoadReport, adapter_files, read_adapter, write_atomically
 from ._binding import Binding
 from ._buffers import pack, stage
 from ._checks import StateDict, check_alpha, keys, trainable
@@ -155,9 +155,47 @@ class LoraReferenceSnapshot:
     def state(self) -> StateDict:
         """The snapshot itself: ``{live parameter name: CPU tensor}``. Don't modify it while
         the snapshot is entered. The tensors are views into one buffer per (device, dtype), so
-        that each moves in one copy; ``safetensors`` refuses to save views of one buffer:
-        save ``{k: v.clone() for k, v in snap.state.items()}``."""
+        that each moves in one copy; to save them, use :meth:`save_pretrained`."""
         return self._state
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Write the reference as a peft adapter directory, which every tool reads.
+
+        For a ``peft.PeftModel``: ``adapter_model.safetensors`` under peft's own file keys (the
+        map :meth:`from_disk` reads, reversed) and the live adapter's ``adapter_config.json``,
+        so that ``PeftModel.from_pretrained(base, directory)`` computes the reference's logits
+        and ``from_disk(model, directory, strict=True)`` gives back this state, bit for bit.
+        For any other model: ``reference.safetensors`` keyed by parameter name, which
+        :meth:`from_disk` reads back. The write is atomic: a temporary directory renamed into
+        place (an existing one is replaced), so a crash never leaves a half-written adapter.
+
+        Returns:
+            The directory's absolute path.
+
+        Raises:
+            RuntimeError: the snapshot is entered, or was written through while swapped in.
+            ValueError: the tensors belong to more than one peft adapter.
+            NotImplementedError: a sharded (FSDP2) snapshot, which holds only this rank's
+                shard; save the gathered policy with peft instead.
+        """
+        fn = "LoraReferenceSnapshot.save_pretrained"
+        if self.active:
+            raise RuntimeError(f"{fn}: the snapshot is entered; save it outside `with snap:`")
+        self._check_intact(fn)
+        if any(self._binding.sharded):
+            raise NotImplementedError(
+                f"{fn}: this snapshot holds one rank's shards (FSDP2); saving a sharded "
+                "reference is not supported yet."
+            )
+        return write_atomically(directory, *adapter_files(self._model, self._state))
+
+    def __reduce__(self):
+        raise TypeError(
+            "LoraReferenceSnapshot cannot be pickled: a pickle would carry a private copy of "
+            "the whole model, and the unpickled snapshot would swap into that copy, not into "
+            "your live model. Save it with snap.save_pretrained(directory) and read it back "
+            "with LoraReferenceSnapshot.from_disk(model, directory)."
+        )
 
     def update_(self, model: nn.Module, alpha: float) -> None:
         """Soft reference update: ``ref ← (1 − alpha)·ref + alpha·policy`` on the snapshot itself

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from . import _sharding as sharding
 from ._binding import Binding
 from ._buffers import pack
-from ._checks import trainable
+from ._checks import check_shapes, keys, trainable
 from ._delta import DeltaPlan
 from ._report import DeltaReport, delta_report
 
@@ -83,6 +85,37 @@ class WeightDeltaTracker:
         befores = [self._before[n] for n in binding.names]
         if befores:
             torch._foreach_copy_(befores, [sharding.local(p) for p in binding.params])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The starting point, ``{name: CPU tensor}`` (copies): save it (e.g. with safetensors)
+        so that "since the start" survives a restart; :meth:`load_state_dict` takes it back."""
+        return {n: v.clone() for n, v in self._before.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Measure from ``state`` (a :meth:`state_dict`, saved before a restart) instead of the
+        weights at construction: in place, every name checked before anything is written.
+
+        Raises:
+            ValueError: names the tracker does not hold, missing names, or shape mismatches.
+        """
+        fn = "WeightDeltaTracker.load_state_dict"
+        unexpected = [k for k in state if k not in self._before]
+        missing = [k for k in self._before if k not in state]
+        if unexpected or missing:
+            raise ValueError(
+                f"{fn}: Missing key(s): {keys(missing) or 'none'}. "
+                f"Unexpected key(s): {keys(unexpected) or 'none'}."
+            )
+        check_shapes(fn, [(k, v, state[k]) for k, v in self._before.items()], ("tracker", "state"))
+        with torch.no_grad():
+            for name, before in self._before.items():
+                before.copy_(state[name])
+
+    def __reduce__(self):
+        raise TypeError(
+            "WeightDeltaTracker cannot be pickled (it would carry a copy of the whole model): "
+            "save tracker.state_dict() and restore it with load_state_dict() on a new tracker."
+        )
 
     def __len__(self) -> int:
         return len(self._before)

@@ -6,17 +6,20 @@ Importing this module imports transformers; ``import fieldkit.training`` never d
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 from . import missing
 
 try:
     from torch import nn
     from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ModuleNotFoundError as e:  # exercised in a subprocess by the import tests
     raise missing("fieldkit.training.hf", e.name or "torch") from None
 
 from ._checks import check_alpha
 from ._snapshot import LoraReferenceSnapshot
+from ._state import soft_update_
 from ._tracker import WeightDeltaTracker
 
 PREFIX = "weight_delta/"
@@ -41,6 +44,10 @@ class WeightDeltaCallback(TrainerCallback):
     Trainer runs the callbacks in order and puts those of ``report_to`` first; to have them log
     these figures too, put this callback first: ``WeightDeltaCallback().install(trainer)``.
 
+    Each checkpoint Trainer saves carries the starting points (``fieldkit/weight_delta.
+    safetensors``), and training resumed from it measures from them again, so the
+    ``*_since_start`` figures go on from the real start.
+
     >>> callback = WeightDeltaCallback()     # Trainer(..., callbacks=[callback])
     """
 
@@ -49,6 +56,34 @@ class WeightDeltaCallback(TrainerCallback):
         self._start: WeightDeltaTracker | None = None
         self._since_log: WeightDeltaTracker | None = None
         self._since_step: WeightDeltaTracker | None = None
+        self._resumed = False
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._start is not None and args.should_save:
+            from safetensors.torch import save_file
+
+            tensors = {
+                f"{part}/{n}": v
+                for part, tracker in (("start", self._start), ("since_log", self._since_log))
+                for n, v in tracker.state_dict().items()
+            }
+            save_file(tensors, _fieldkit_dir(args, state, make=True) / "weight_delta.safetensors")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Trainer loads a resumed run's state after on_train_begin: the first step knows it.
+        if self._resumed or self._start is None:
+            return
+        self._resumed = True
+        path = _resumed_from(args, state, "weight_delta.safetensors", "WeightDeltaCallback")
+        if path is not None:
+            from safetensors.torch import load_file
+
+            saved = load_file(path)
+            for part, tracker in (("start", self._start), ("since_log", self._since_log)):
+                prefix = f"{part}/"
+                tracker.load_state_dict(
+                    {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
+                )
 
     def install(self, trainer) -> WeightDeltaCallback:
         """Put this callback first in ``trainer``'s list, before the reporters, and return it."""
@@ -118,7 +153,48 @@ class ReferenceSyncCallback(TrainerCallback):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"ReferenceSyncCallback: every must be an int >= 1, got {every!r}")
         self.snapshot, self.alpha, self.every = snapshot, alpha, every
+        self._resumed = False
 
     def on_step_end(self, args, state, control, model: nn.Module = None, **kwargs):
         if state.global_step % self.every == 0:
             self.snapshot.update_(model, self.alpha)
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            self.snapshot.save_pretrained(_fieldkit_dir(args, state, make=True) / "reference")
+
+    def on_step_begin(self, args, state, control, model: nn.Module = None, **kwargs):
+        # Trainer loads a resumed run's state after on_train_begin: the first step knows it.
+        if self._resumed:
+            return
+        self._resumed = True
+        path = _resumed_from(args, state, "reference", "ReferenceSyncCallback")
+        if path is not None:
+            saved = LoraReferenceSnapshot.from_disk(self.snapshot._model, path, strict=True)
+            soft_update_(self.snapshot.state, saved.state, 1.0)  # in place, bit for bit
+
+
+def _fieldkit_dir(args, state, *, make: bool = False) -> Path:
+    """Where fieldkit's state sits in the checkpoint of ``state.global_step``."""
+    path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / "fieldkit"
+    if make:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _resumed_from(args, state, name: str, who: str) -> Path | None:
+    """The saved state ``name`` of the checkpoint this run resumed from; None on a fresh run,
+    and None with a warning for a checkpoint that has none (an older run's)."""
+    if state.global_step == 0:
+        return None
+    path = _fieldkit_dir(args, state) / name
+    if path.exists():
+        return path
+    warnings.warn(
+        f"{who}: training resumed at step {state.global_step}, but {str(path)!r} does not exist "
+        "(a checkpoint saved without fieldkit's state, or resumed from elsewhere than "
+        "output_dir): its state starts afresh from here.",
+        UserWarning,
+        stacklevel=2,
+    )
+    return None
