@@ -26,6 +26,7 @@ from ._checks import first, keys
 
 # What marks a peft tuner layer or training wrapper, and what its state is read from.
 _LAYER_STATE = ("adapter_layer_names", "merged_adapters", "_disable_adapters", "_active_adapter")
+_STATE = operator.attrgetter(*_LAYER_STATE[1:])
 
 
 def _peft_layers(model: nn.Module, name: str) -> tuple[list[nn.Module], str | None]:
@@ -58,12 +59,18 @@ class Readers:
                 for layer in layers:
                     pairs.setdefault((id(layer), adapter), (layer, adapter))
         self._pairs = list(pairs.values())
+        self._layers = list({id(layer): layer for layer, _ in self._pairs}.values())
         self._model = model
+        self._good: list | None = None  # the layers' states when last found good, copied
 
     def check(self, fn: str) -> None:
         """Raise a ValueError, before anything changes, if a swap could not change what the
         forward computes: the adapter layer is merged, disabled, or runs another adapter."""
-        # Per step: the attributes behind peft's properties, read directly (a third the cost).
+        # Per step, the common case: every layer's state as when last found good, compared in
+        # C (the attributes behind peft's properties, read directly).
+        states = list(map(_STATE, self._layers))
+        if states == self._good:
+            return
         bad = [
             (layer, adapter)
             for layer, adapter in self._pairs
@@ -76,6 +83,8 @@ class Readers:
         ]
         if bad:
             raise ValueError(f"{fn}: {self._why(bad)} Nothing was changed.")
+        # Copies: peft merges by appending to the same list, which must not compare equal.
+        self._good = [(list(m), d, a if isinstance(a, str) else list(a)) for m, d, a in states]
 
     def _why(self, bad: list[tuple[nn.Module, str]]) -> str:
         paths = {id(m): n for n, m in self._model.named_modules()}
