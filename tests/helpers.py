@@ -74,12 +74,15 @@ def perturb(model: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale
+                p.add_(noise.to(p.device))
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
+    """The model's logits for TOKENS (moved to the model's device), on the CPU."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return model(TOKENS).logits
+        return model(TOKENS.to(device)).logits.cpu()
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

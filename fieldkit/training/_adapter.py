@@ -248,6 +248,7 @@ def read_adapter(
     adapter_name: str,
     weights_filename: str,
     strict: bool,
+    pin: bool | None = None,
 ) -> tuple[StateDict, LoadReport, dict[str, nn.Parameter]]:
     """:func:`load_adapter_dict`, and the model's parameters by name as it walked them, so
     that a caller binding the state walks the model no second time."""
@@ -255,7 +256,7 @@ def read_adapter(
     _require("safetensors", fn)
     plain = os.path.join(os.fspath(adapter_dir), PLAIN_FILE)
     if not is_peft(model) and os.path.isfile(plain):
-        return _read_plain(model, plain, strict)
+        return _read_plain(model, plain, strict, pin)
     peft = _require("peft", fn)
     if not isinstance(model, peft.PeftModel):
         raise TypeError(
@@ -331,7 +332,7 @@ def read_adapter(
                 index = sharding.shard_index(params[n])
                 # A sharded (FSDP2) parameter reads only this rank's shard from the file.
                 value = f.get_tensor(k) if index is None else f.get_slice(k)[index]
-                state[n] = host_copy(value, like=like)
+                state[n] = host_copy(value, like=like, pin=pin)
     ours = set(live_name.values())
     unread += [f"{n!r} (live, trainable: not in the file)" for n in missing if n in ours]
     if unread:
@@ -402,7 +403,7 @@ def is_peft(model: nn.Module) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-def _read_plain(model: nn.Module, path: str, strict: bool):
+def _read_plain(model: nn.Module, path: str, strict: bool, pin: bool | None):
     """A :data:`PLAIN_FILE` read back, checked as a peft file is."""
     from safetensors import safe_open
 
@@ -423,7 +424,7 @@ def _read_plain(model: nn.Module, path: str, strict: bool):
         for n in wanted:
             index = sharding.shard_index(params[n])
             value = f.get_tensor(n) if index is None else f.get_slice(n)[index]
-            state[n] = host_copy(value, like=sharding.local(params[n]))
+            state[n] = host_copy(value, like=sharding.local(params[n]), pin=pin)
     return state, LoadReport(path, tuple(wanted), skipped, missing), params
 
 

@@ -10,11 +10,11 @@ Pack = tuple[torch.device, torch.Tensor, list[int]]
 """(target device, one flat buffer, the indices of the tensors that are views into it)."""
 
 
-def host_copy(tensor: torch.Tensor, *, like: torch.Tensor) -> torch.Tensor:
+def host_copy(tensor: torch.Tensor, *, like: torch.Tensor, pin: bool | None = None) -> torch.Tensor:
     """A CPU copy in ``like``'s dtype and, where ``like`` is dense, its strides (a swap keeps
-    the layout); pinned when ``like`` lives on CUDA, so the copy to the device can be
-    non-blocking."""
-    pin = like.device.type == "cuda"
+    the layout); pinned (unless ``pin=False``: a copy that is packed again later) when
+    ``like`` lives on CUDA, so the copy to the device can be non-blocking."""
+    pin = like.device.type == "cuda" if pin is None else pin
     stride = like.stride() if dense(like) else None
     with torch.inference_mode(False):  # kept and written later, outside inference mode too
         return _empty(tensor.shape, stride, like.dtype, pin).copy_(tensor.detach())
@@ -55,6 +55,12 @@ def groups(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype]
     for i, t in enumerate(tensors):
         found.setdefault((t.device, t.dtype), []).append(i)
     return found
+
+
+def move(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``: non-blocking towards an accelerator (from pinned memory the copy
+    overlaps), blocking towards the CPU, whose reads would not wait for a queued copy."""
+    return t.to(device, non_blocking=torch.device(device).type != "cpu")
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -123,9 +129,7 @@ def stage(values: list[torch.Tensor], packs: list[Pack]) -> list[torch.Tensor]:
     out = list(values)
     for device, flat, idx in packs:
         if flat.device != device:
-            moved = views(
-                flat.to(device, non_blocking=True), [values[i] for i in idx], strided=True
-            )
+            moved = views(move(flat, device), [values[i] for i in idx], strided=True)
             for i, v in zip(idx, moved, strict=True):
                 out[i] = v
     return out
@@ -148,7 +152,7 @@ def to_devices(values: list[torch.Tensor], params: list[torch.Tensor]) -> list[t
             packs.append((device, flat, idx))
             continue
         for i in idx:
-            out[i] = out[i].to(device, non_blocking=True)
+            out[i] = move(out[i], device)
     return stage(out, packs)
 
 

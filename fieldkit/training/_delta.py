@@ -17,7 +17,7 @@ import torch
 
 from . import _kernel
 from . import _sharding as sharding
-from ._buffers import span, views
+from ._buffers import groups, move, span, views
 from ._checks import check_shapes, keys
 
 CHUNK = 1 << 18
@@ -101,8 +101,9 @@ class DeltaPlan:
                 fs, fm = _kernel.measure(part.fused) if fused else _partial(_runs(part.fused))
                 s, m = s + fs, m if math.isnan(m) else max(m, fm)
             if part.over:
-                s_t = torch.tensor([s], dtype=torch.float64, device=part.device)
-                m_t = torch.tensor([m], dtype=torch.float64, device=part.device)
+                device = sharding.reduce_device(part.over, part.device)
+                s_t = torch.tensor([s], dtype=torch.float64, device=device)
+                m_t = torch.tensor([m], dtype=torch.float64, device=device)
                 sharding.all_reduce(s_t, m_t, part.over)
                 s, m = float(s_t), float(m_t)
             sq += s
@@ -116,14 +117,14 @@ class DeltaPlan:
 def _runs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[_Run]:
     """Group (before, after) pairs by (device, compute dtype), cut each group into runs of at
     most CHUNK elements, and give each group one scratch buffer of its largest run."""
-    groups: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    kinds: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for b, a in pairs:
         wide = torch.float64 in (a.dtype, b.dtype) or not (
             a.dtype.is_floating_point and b.dtype.is_floating_point
         )
-        groups.setdefault((a.device, torch.float64 if wide else torch.float32), []).append((b, a))
+        kinds.setdefault((a.device, torch.float64 if wide else torch.float32), []).append((b, a))
     runs = []
-    for (device, dtype), pairs in groups.items():
+    for (device, dtype), pairs in kinds.items():
         chunks = list(_chunks(pairs))
         scratch = torch.empty(max(n for _, n in chunks), dtype=dtype, device=device)
         for run, n in chunks:
@@ -142,28 +143,33 @@ def _partial(runs: list[_Run]) -> tuple[float, float]:
     """This rank's sum of squares and max|Δ|, run by run: gather the ``after`` tensors into one
     small buffer (``torch.cat``), subtract ``before``, then one min/max and one sum of squares.
     A few ops per run instead of three per tensor, and the buffer stays in cache."""
-    results = []  # (run, sum of squares, (min, max)), read after all are queued
+    results = []  # per run: sum of squares, -min, max; read after all are queued
     for run in runs:
         afters = run.afters
         if run.strided:
             afters = [a.reshape(-1) if i in run.strided else a for i, a in enumerate(afters)]
         d = torch.cat(afters, out=run.diff)
         if isinstance(run.before, torch.Tensor):
-            d.sub_(run.before.to(d.device, non_blocking=True))
+            d.sub_(move(run.before, d.device))
         else:
             for piece, b in run.before:
-                piece.sub_(b.to(d.device, non_blocking=True))
-        lo_hi = torch.aminmax(d)
-        results.append((run, d.square_().sum(), lo_hi))
-    # Read results only after every run is queued: one device sync, not one per run.
+                piece.sub_(move(b, d.device))
+        lo, hi = torch.aminmax(d)
+        results.append(torch.stack([d.square_().sum(), -lo, hi]).double())
+    # One device-to-host read per device for every run, after all are queued: one sync, not
+    # one per run.
+    figures: list = [None] * len(results)
+    for idx in groups(results).values():
+        for i, row in zip(idx, torch.stack([results[i] for i in idx]).tolist(), strict=True):
+            figures[i] = row
     sq, max_abs = 0.0, 0.0
-    for run, s, (lo, hi) in results:
-        m = max(-float(lo), float(hi))
-        if math.isnan(m) or math.isnan(float(s)):
+    for run, (s, m_lo, m_hi) in zip(runs, figures, strict=True):
+        m = max(m_lo, m_hi)
+        if math.isnan(m) or math.isnan(s):
             return math.nan, math.nan
         if run.diff.dtype == torch.float32 and (m > 1e15 or 0 < m < 1e-15):
             s = _sum_of_squares_f64(run.pairs)  # float32 squares would overflow or underflow
-        sq += float(s)
+        sq += s
         max_abs = max(max_abs, m)
     return sq, max_abs
 

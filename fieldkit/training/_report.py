@@ -181,10 +181,12 @@ def delta_report(
             sharding.local(after[name]),
             sharding.local(before[name]).to(sharding.local(after[name]).device),
         )
-        d = a.double() - b.double()
+        wide = torch.float32 if a.device.type == "mps" else torch.float64  # MPS has no float64
+        a, b = a.to(wide), b.to(wide)
+        d = a - b
         grad = after[name].grad if isinstance(after[name], nn.Parameter) else None
         partner = _partner(name)
-        sums.append([d.square().sum(), b.double().square().sum(), (a == b).sum(), a.numel()])
+        sums.append([d.square().sum(), b.square().sum(), (a == b).sum(), a.numel()])
         maxima.append(
             [
                 d.abs().max() if d.numel() else 0.0,
@@ -197,7 +199,7 @@ def delta_report(
     maxima_t = torch.tensor([[float(x) for x in row] for row in maxima], dtype=torch.float64)
     for over, idx in parts.items():
         if over:
-            device = sharding.local(after[names[idx[0]]]).device
+            device = sharding.reduce_device(over, sharding.local(after[names[idx[0]]]).device)
             s, m = sums_t[idx].to(device), maxima_t[idx].to(device)
             sharding.all_reduce(s, m, over)
             sums_t[idx], maxima_t[idx] = s.cpu(), m.cpu()

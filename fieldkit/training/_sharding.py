@@ -122,6 +122,28 @@ def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def reduce_device(over: tuple, device: torch.device) -> torch.device:
+    """Where a reduction over the groups ``over`` must run: NCCL takes CUDA tensors only (a
+    CPU-offloaded shard's figures go to this rank's GPU), gloo and the rest ``device``."""
+    if any("nccl" in str(torch.distributed.get_backend(g)) for g in over) and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def before_shard_writes(shards: list[torch.Tensor]) -> None:
+    """Wait until FSDP2 has no copy in flight that reads ``shards``: with ``CPUOffloadPolicy``
+    it moves CPU shards to the GPU with non-blocking copies, which a CPU write would race."""
+    if any(t.device.type == "cpu" for t in shards) and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def after_shard_writes(shards: list[torch.Tensor]) -> None:
+    """Make writes into CUDA ``shards`` (queued on the current stream) visible to FSDP2, whose
+    all-gathers run on its own streams and do not wait for the current one."""
+    for device in {t.device for t in shards if t.device.type == "cuda"}:
+        torch.cuda.current_stream(device).synchronize()
+
+
 def all_reduce(sq: torch.Tensor, mx: torch.Tensor, over: tuple) -> None:
     """Sum ``sq`` and max ``mx`` (one-element tensors) over each process group, in place."""
     for group in over:

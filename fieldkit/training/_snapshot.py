@@ -42,6 +42,11 @@ class LoraReferenceSnapshot:
             Sharded (FSDP2) parameters are copied into the local shard in either mode; the
             snapshot then holds this rank's shard.
 
+    On CUDA, the snapshot is copied to the device on the stream that is current at ``with
+    snap:``, and that copy is freed at the exit: run the reference forward on that stream (the
+    default, unless you switch streams inside the block). Write into :attr:`state` only through
+    :meth:`update_` / :meth:`refresh`, which wait for copies still reading it.
+
     Raises:
         ValueError: unknown names, shape or dtype mismatches in ``snapshot``, or parameters fieldkit
             cannot swap (offloaded to ``meta``, FSDP1, DeepSpeed ZeRO-3, quantized); raised
@@ -98,6 +103,7 @@ class LoraReferenceSnapshot:
         self._displaced: list[torch.Tensor] | None = None
         self._binding: Binding | None = None
         self._spoiled: list[str] = []  # written through while swapped in: refused until re-taken
+        self._copies_out: list = []  # CUDA events: copies out of the pinned snapshot
         self._take(state, params)
 
     def _take(
@@ -146,7 +152,8 @@ class LoraReferenceSnapshot:
         and reported, unless ``strict=True``. ``mode`` as in the constructor.
         """
         options = dict(adapter_name=adapter_name, weights_filename=weights_filename, strict=strict)
-        state, report, params = read_adapter(model, adapter_dir, **options)
+        # Not pinned here: the snapshot packs (and pins) them once.
+        state, report, params = read_adapter(model, adapter_dir, pin=False, **options)
         snap = cls.__new__(cls)
         snap._setup(model, state, mode, report, source=report.path, params=params)
         return snap
@@ -215,6 +222,8 @@ class LoraReferenceSnapshot:
         if alpha != 1.0:
             self._check_intact(fn)
         bound = bind(fn, model, self._state, "snapshot")
+        for event in self._copies_out:  # a copy to the device may still be reading the snapshot
+            event.synchronize()
         soft_update_(self._state, {name: sharding.local(p) for name, p, _ in bound}, alpha)
         self._spoiled = []
 
@@ -222,6 +231,16 @@ class LoraReferenceSnapshot:
         """Re-take the snapshot from ``model``'s current weights, in place (a hard reference
         sync, TRL's ``ref_model_sync_steps`` with ``alpha=1``); checks as :meth:`update_`."""
         self.update_(model, 1.0)
+
+    def _note_copies_out(self) -> None:
+        """Record when the copies just queued out of the pinned snapshot finish, so that no
+        CPU write into it (:meth:`update_`) races them."""
+        self._copies_out = []
+        for device, flat, _ in self._packs:
+            if flat.device != device and device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+                self._copies_out.append(event)
 
     def _check_intact(self, fn: str) -> None:
         if self._spoiled:
@@ -255,6 +274,7 @@ class LoraReferenceSnapshot:
             if self._stash is None:
                 self._stash = self._swap.stash()
             staged = stage(self._values, self._packs)
+            self._note_copies_out()
             torch.set_grad_enabled(False)
             self._displaced = self._swap.put(staged, self._stash)
         except BaseException:

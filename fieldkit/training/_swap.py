@@ -98,9 +98,14 @@ class Swap:
     ):
         self.fn, self.names, self.params, self.mode = fn, names, params, mode
         self.copied = [i for i, p in enumerate(params) if mode == "copy" or sharding.is_sharded(p)]
+        self.shards = [i for i in self.copied if sharding.is_sharded(params[i])]
         self.model, self.owner = model, Owner.of(model)
         self._readers: Readers | None = None  # made on the first put: restore never needs it
         self.versions: list[int] = []
+
+    def _shards(self) -> list[torch.Tensor]:
+        """The local shards this swap writes into (FSDP2), whose readers must be waited for."""
+        return [sharding.local(self.params[i]) for i in self.shards]
 
     def check_readers(self) -> None:
         """Refuse, naming layers and fixes, a swap the model's peft layers would not read."""
@@ -131,12 +136,15 @@ class Swap:
             # backward stays valid, and sees the original values again after the restore.
             targets = [datas[i] for i in copied]
             saved = self.stash() if stash is None else stash
+            sharding.before_shard_writes(self._shards())
             torch._foreach_copy_(saved, targets)
             try:
                 torch._foreach_copy_(targets, [values[i] for i in copied])
             except BaseException:
                 torch._foreach_copy_(targets, saved)
                 raise
+            finally:
+                sharding.after_shard_writes(self._shards())
             for i, old in zip(copied, saved, strict=True):
                 displaced[i] = old
         done: list[int] = []
@@ -166,9 +174,11 @@ class Swap:
         params, copied = self.params, self.copied
         changed = [] if since is None else written(self.names, params, since)
         if copied:
+            sharding.before_shard_writes(self._shards())
             torch._foreach_copy_(
                 [sharding.local(params[i]) for i in copied], [displaced[i] for i in copied]
             )
+            sharding.after_shard_writes(self._shards())
         skip = set(copied)
         for i, (param, old) in enumerate(zip(params, displaced, strict=True)):
             if i not in skip:
