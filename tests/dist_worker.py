@@ -63,11 +63,11 @@ def _step(model, reference=None) -> list[torch.Tensor]:
     return _grads(model)
 
 
-def _shard(model) -> None:
+def _shard(model, device: str = "cpu") -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -249,11 +249,45 @@ def ddp(out: Path) -> dict:
     return {"delta": delta}
 
 
+def nccl(out: Path) -> dict:
+    """FSDP2 on NCCL (one GPU per rank): the restore's shard copies queue behind a sleep on the
+    current stream; backward's first all-gather (FSDP2's own stream) must see them."""
+    rank = dist.get_rank()
+    torch.cuda.set_device(rank)
+    model = peft_model("linear", seed=2, r=R).cuda()
+    _shard(model, "cuda")
+    snap = LoraReferenceSnapshot(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                _local(p).add_(0.01 * (rank + 1))
+    tokens = TOKENS.cuda()
+
+    def step(reference=None):
+        model.zero_grad(set_to_none=True)
+        out = model(tokens).logits
+        if reference is not None:
+            with reference:
+                model(tokens)
+                torch.cuda._sleep(200_000_000)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), tokens.reshape(-1)).backward()
+        return [_local(p.grad).cpu() for p in model.parameters() if p.requires_grad]
+
+    plain, between = step(), step(snap)
+    assert all(torch.equal(a, b) for a, b in zip(plain, between, strict=True))
+    tracker = WeightDeltaTracker(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                _local(p).add_(1.0)
+    return {"delta": tracker.delta()}  # global: the same on both ranks
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if scenario == "nccl" else "gloo")
     try:
-        result = {"fsdp2": fsdp2, "ddp": ddp}[scenario](out)
+        result = {"fsdp2": fsdp2, "ddp": ddp, "nccl": nccl}[scenario](out)
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:

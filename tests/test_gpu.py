@@ -1,0 +1,149 @@
+"""The CUDA paths: one test per way a missing wait or a wrong device would corrupt a figure or
+a reference. Each holds the stream with ``torch.cuda._sleep`` so that a missing wait shows every
+time, not by chance. Skipped, saying why, where there is no GPU (or fewer than two)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from helpers import logits, peft_model, perturb
+
+from fieldkit.training import (
+    LoraReferenceSnapshot,
+    WeightDeltaTracker,
+    capture_trainable,
+    delta_report,
+    restore,
+    swap_in,
+    weight_delta,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none here"),
+]
+SLEEP = 200_000_000  # GPU cycles (~0.1 s): long enough that an unwaited copy is read too early
+
+
+def test_weight_delta_of_a_cuda_before_and_a_cpu_after_waits_for_the_copy():
+    n = 1 << 20
+    before = {"w": torch.full((n,), 1.0, device="cuda")}
+    after = {"w": torch.full((n,), 3.0)}
+    torch.cuda._sleep(SLEEP)  # a non-blocking copy to the CPU would land after it is read
+    assert weight_delta(before, after) == (2.0 * math.sqrt(n), 2.0)
+
+
+def test_swap_in_a_cuda_state_into_a_cpu_model_waits_for_the_copy():
+    layer = torch.nn.Linear(512, 512)
+    state = {"weight": torch.full((512, 512), 2.0, device="cuda")}
+    torch.cuda._sleep(SLEEP)
+    displaced = swap_in(layer, state)
+    try:
+        assert torch.equal(layer.weight.detach(), torch.full((512, 512), 2.0))
+    finally:
+        restore(layer, displaced)
+
+
+def test_update_waits_for_the_copy_out_of_the_pinned_snapshot():
+    model = peft_model("linear", seed=2).cuda()
+    snap = LoraReferenceSnapshot(model)
+    assert all(t.is_pinned() for t in snap.state.values())
+    reference = {k: v.clone() for k, v in snap.state.items()}
+    perturb(model, seed=7)
+    torch.cuda._sleep(SLEEP)  # the copy out of the snapshot queues behind this
+    with snap:
+        inside = {n: p.detach().clone() for n, p in model.named_parameters() if n in reference}
+    snap.update_(model, 1.0)  # a CPU write into the snapshot: must wait for that copy
+    torch.cuda.synchronize()
+    assert all(torch.equal(inside[n].cpu(), reference[n]) for n in reference)
+
+
+def test_a_cuda_model_with_a_pinned_snapshot_gives_the_reference_and_restores(mode):
+    model = peft_model("linear", seed=2).cuda()
+    expected_ref = logits(model)
+    snap = LoraReferenceSnapshot(model, mode=mode)
+    perturb(model, seed=7)
+    expected_live = logits(model)
+    with snap:
+        assert torch.equal(logits(model), expected_ref)
+    assert torch.equal(logits(model), expected_live)
+
+
+def test_delta_on_cuda_reads_the_device_once_and_equals_the_cpu_figures():
+    model = peft_model("linear", seed=2).cuda()
+    start = capture_trainable(model)
+    tracker = WeightDeltaTracker(model)
+    tracker.delta()  # the plan, made once
+    perturb(model, seed=7)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = tracker.delta()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    live = {n: p.detach().cpu() for n, p in model.named_parameters() if n in start}
+    expected = weight_delta(start, live)
+    assert math.isclose(got[0], expected[0], rel_tol=1e-5) and got[1] == expected[1]
+    report = delta_report(start, dict(model.named_parameters()))
+    assert math.isclose(report.l2, expected[0], rel_tol=1e-5)
+
+
+def test_gradients_exact_with_a_reference_forward_between_on_a_busy_stream(mode):
+    model = peft_model("linear", seed=2).cuda()
+    snap = LoraReferenceSnapshot(model, mode=mode)
+    perturb(model, seed=7)
+    tokens = torch.arange(16, device="cuda").reshape(2, 8)
+    grads = []
+    for with_ref in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = model(tokens).logits
+        if with_ref:
+            with snap:
+                model(tokens)
+                torch.cuda._sleep(SLEEP)  # the restore queues behind this
+        torch.nn.functional.cross_entropy(
+            out.reshape(-1, out.shape[-1]), tokens.reshape(-1)
+        ).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+needs_two = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL, FSDP2, device maps)"
+)
+
+
+@needs_two
+def test_a_model_over_two_gpus_swaps_and_measures_on_each(mode):
+    model = peft_model("linear", seed=2)
+    layers = model.base_model.model.model.layers
+    model.cuda(0)
+    layers[1].cuda(1)  # as a device_map over two GPUs places it
+    snap = LoraReferenceSnapshot(model, mode=mode)
+    start = capture_trainable(model)
+    tracker = WeightDeltaTracker(model)
+    perturb(model, seed=7)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with snap:
+        for n, p in model.named_parameters():
+            if n in snap.state:
+                assert torch.equal(p.detach().cpu(), snap.state[n])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    live = {n: p.detach().cpu() for n, p in model.named_parameters() if n in start}
+    assert tracker.delta()[1] == weight_delta(start, live)[1]
+
+
+@needs_two
+def test_fsdp2_on_nccl_backward_sees_the_restored_weights(tmp_path):
+    """Two ranks, FSDP2 on NCCL: the restore's shard copies are queued behind a sleep on the
+    current stream; FSDP2's first all-gather in backward runs on its own stream and must still
+    see them (the gradients equal a step without the reference forward)."""
+    from test_distributed import _run
+
+    results = _run("nccl", tmp_path)
+    assert results[0] == results[1]
