@@ -14,10 +14,11 @@ import os
 import sys
 from pathlib import Path
 
+import peft
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import TOKENS, bits, logits, peft_model, perturb
+from helpers import TOKENS, base_model, bits, logits, peft_model, perturb
 
 from fieldkit.training import (
     LoraReferenceSnapshot,
@@ -144,6 +145,17 @@ def fsdp2(out: Path) -> dict:
     for n, v in online.state.items():
         expected = 0.5 * ref[n].double() + 0.5 * _local(model.get_parameter(n)).double()
         torch.testing.assert_close(v.double(), expected, rtol=1e-6, atol=1e-7)
+
+    # Saving a sharded reference: gathered, one whole adapter from rank 0, read back by shard.
+    saved = online.save_pretrained(out / "saved-ref")  # a collective: both ranks call it
+    again = LoraReferenceSnapshot.from_disk(model, saved, strict=True)
+    assert all(torch.equal(bits(again.state[n]), bits(v)) for n, v in online.state.items())
+    whole = {n: sharding.gather(model.get_parameter(n), v) for n, v in online.state.items()}
+    unsharded = peft_model("linear", seed=2, r=R)
+    with LoraReferenceSnapshot(unsharded, snapshot=whole):
+        expected_saved = logits(unsharded)
+    loaded = peft.PeftModel.from_pretrained(base_model(0), saved).eval()
+    assert torch.equal(logits(loaded), expected_saved)  # peft reads the whole adapter
 
     # Global figures: the delta of the gathered full tensors, on every rank.
     tracker = WeightDeltaTracker(model)

@@ -83,6 +83,18 @@ def shard_index(param: torch.Tensor) -> tuple[slice, ...] | None:
     return tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
 
 
+def gather(param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which ``shard`` is this rank's piece, laid out as ``param`` (a
+    DTensor) is sharded, on the CPU. A collective: every rank must call it."""
+    if not isinstance(param, DTensor):
+        return shard
+    local = shard.to(param.to_local().device)
+    whole = DTensor.from_local(
+        local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    )
+    return whole.full_tensor().cpu()
+
+
 def fsdp_modules(model: nn.Module, modules: list[nn.Module] | None = None) -> list[nn.Module]:
     """The FSDP2 modules of ``model`` (or of ``modules``, its modules). FSDP1 is refused here:
     with ``use_orig_params=True`` its parameters look plain but are flat-parameter views that

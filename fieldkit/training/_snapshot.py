@@ -179,22 +179,29 @@ class LoraReferenceSnapshot:
         Returns:
             The directory's absolute path.
 
+        Under FSDP2 each rank holds a shard: it is a collective then, which every rank must
+        call. The shards are gathered and rank 0 writes one whole adapter, readable by peft and
+        by :meth:`from_disk` on any number of ranks (each reads its own shard of it).
+
         Raises:
             RuntimeError: the snapshot is entered, or was written through while swapped in.
             ValueError: the tensors belong to more than one peft adapter.
-            NotImplementedError: a sharded (FSDP2) snapshot, which holds only this rank's
-                shard; save the gathered policy with peft instead.
         """
         fn = "LoraReferenceSnapshot.save_pretrained"
         if self.active:
             raise RuntimeError(f"{fn}: the snapshot is entered; save it outside `with snap:`")
         self._check_intact(fn)
-        if any(self._binding.sharded):
-            raise NotImplementedError(
-                f"{fn}: this snapshot holds one rank's shards (FSDP2); saving a sharded "
-                "reference is not supported yet."
-            )
-        return write_atomically(directory, *adapter_files(self._model, self._state))
+        if not any(self._binding.sharded):
+            return write_atomically(directory, *adapter_files(self._model, self._state))
+        # FSDP2: every rank gathers the whole tensors (a collective), rank 0 writes one whole
+        # adapter, and every rank waits for it; from_disk then reads each rank's shard back.
+        params = dict(zip(self._swap.names, self._swap.params, strict=True))
+        whole = {n: sharding.gather(params[n], v) for n, v in self._state.items()}
+        path = os.path.abspath(os.fspath(directory))
+        if torch.distributed.get_rank() == 0:
+            write_atomically(path, *adapter_files(self._model, whole))
+        torch.distributed.barrier()
+        return path
 
     def __reduce__(self):
         raise TypeError(
