@@ -1,4 +1,4 @@
-"""The README's demo runs end to end (a short run keeps it from rotting)."""
+"""The README's demo and the examples run end to end (a short run keeps them from rotting)."""
 
 import pathlib
 import subprocess
@@ -9,22 +9,22 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_reference_kl_loop_runs():
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "reference_kl_loop.py"),
-            *("--steps", "3", "--sync-every", "2"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _example(*command: str) -> tuple[str, list[str], list[list[str]]]:
+    """Run an example: its output, its lines, and its table rows (lines that start with a step)."""
+    done = subprocess.run([*command], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
+    return done.stdout, lines, [line.split() for line in lines if line[:4].strip().isdigit()]
+
+
+@pytest.mark.slow
+def test_reference_kl_loop_runs():
+    _, lines, rows = _example(
+        sys.executable,
+        str(ROOT / "examples" / "reference_kl_loop.py"),
+        *("--steps", "3", "--sync-every", "2"),
+    )
     assert any("KL(pol||ref)" in line for line in lines)
-    rows = [line.split() for line in lines if line[:4].strip().isdigit()]
     assert [int(r[0]) for r in rows] == [0, 1, 2]
     assert float(rows[0][2]) == 0.0  # step 0: the reference is the starting adapter
     assert all(float(r[4]) > 0 for r in rows)  # and every step moved the weights
@@ -48,40 +48,26 @@ def test_fsdp2_example_runs_on_two_ranks():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
-            *("--master-port", str(port), str(ROOT / "examples" / "fsdp2_reference_loop.py")),
-            *("--steps", "3"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out, lines, rows = _example(
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
+        *("--master-port", str(port), str(ROOT / "examples" / "fsdp2_reference_loop.py")),
+        *("--steps", "3"),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    rows = [line.split() for line in lines if line[:4].strip().isdigit()]
     assert [int(r[0]) for r in rows] == [0, 1, 2]
     assert all(float(r[3]) > 0 for r in rows)  # the global delta grows from step 0
-    assert "rank 0 holds 1,536 of the 3,072 reference values" in done.stdout
+    assert "rank 0 holds 1,536 of the 3,072 reference values" in out
     assert "all 8 tensor(s) moved" in lines
 
 
 @pytest.mark.slow
 def test_trl_example_gives_zero_kl_at_step_1_where_trl_does_not():
     pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[trl]')")
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "trl_grpo_reference.py"), "--steps", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out, lines, rows = _example(
+        sys.executable, str(ROOT / "examples" / "trl_grpo_reference.py"), "--steps", "2"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    rows = [line.split() for line in lines if line[:4].strip().isdigit()]
     assert [int(r[0]) for r in rows] == [1, 2]
     assert float(rows[0][1]) == 0.0
     (summary,) = [line for line in lines if line.startswith("step-1 KL:")]
     assert summary.startswith("step-1 KL: 0 with the snapshot;")
     assert float(summary.split("; ")[1].split()[0]) != 0.0
-    assert "adapters on the device: ['default']" in done.stdout
+    assert "adapters on the device: ['default']" in out

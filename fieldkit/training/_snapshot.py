@@ -313,10 +313,9 @@ class LoraReferenceSnapshot:
             )
         if written:
             # Pointer mode on the snapshot's own device: the parameters were its tensors.
-            held = dict(zip(self._swap.names, zip(staged, self._values, strict=True), strict=True))
-            self._spoiled = [
-                n for n in written if self.mode == "pointer" and held[n][0] is held[n][1]
-            ]
+            names, held = self._swap.names, self._values
+            own = {n for n, s, v in zip(names, staged, held, strict=True) if s is v}
+            self._spoiled = [n for n in written if self.mode == "pointer" and n in own]
             raise RuntimeError(
                 f"LoraReferenceSnapshot: parameter(s) {keys(written)} were written in place "
                 "inside `with snap:` (an optimizer.step(), or another in-place op, on the "
