@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 import threading
 import weakref
@@ -24,9 +25,15 @@ from torch import nn
 
 from ._checks import first, keys
 
-# What marks a peft tuner layer or training wrapper, and what its state is read from.
-_LAYER_STATE = ("adapter_layer_names", "merged_adapters", "_disable_adapters", "_active_adapter")
-_STATE = operator.attrgetter(*_LAYER_STATE[1:])
+# What a peft tuner layer or training wrapper's state is read from, on every swap.
+_STATE = operator.attrgetter("merged_adapters", "_disable_adapters", "_active_adapter")
+
+
+@functools.cache
+def _is_layer(cls: type) -> bool:
+    """Whether modules of ``cls`` are peft tuner layers or training wrappers (by what their
+    class declares: no attribute lookup that fails through ``nn.Module.__getattr__``)."""
+    return getattr(cls, "adapter_layer_names", None) is not None
 
 
 def _peft_layers(model: nn.Module, name: str) -> tuple[list[nn.Module], str | None]:
@@ -38,7 +45,7 @@ def _peft_layers(model: nn.Module, name: str) -> tuple[list[nn.Module], str | No
     module: nn.Module | None = model
     layers, adapter = [], None
     for i, part in enumerate(parts[:-1]):
-        if all(hasattr(module, a) for a in _LAYER_STATE):
+        if _is_layer(type(module)):
             layers.append(module)
             if part in module.adapter_layer_names:
                 adapter = parts[i + 1]
