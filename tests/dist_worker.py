@@ -14,11 +14,10 @@ import os
 import sys
 from pathlib import Path
 
-import peft
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import TOKENS, base_model, bits, logits, peft_model, perturb
+from helpers import TOKENS, bits, logits, peft_model, perturb
 
 from fieldkit.training import (
     LoraReferenceSnapshot,
@@ -153,9 +152,9 @@ def fsdp2(out: Path) -> dict:
     whole = {n: sharding.gather(model.get_parameter(n), v) for n, v in online.state.items()}
     unsharded = peft_model("linear", seed=2, r=R)
     with LoraReferenceSnapshot(unsharded, snapshot=whole):
-        expected_saved = logits(unsharded)
-    loaded = peft.PeftModel.from_pretrained(base_model(0), saved).eval()
-    assert torch.equal(logits(loaded), expected_saved)  # peft reads the whole adapter
+        # peft itself loads the saved adapter in the test's own (undistributed) process: peft
+        # 0.19's loader breaks inside an initialised process group with transformers 4.57.
+        torch.save(logits(unsharded), out / f"saved-ref-logits-{rank}.pt")
 
     # Global figures: the delta of the gathered full tensors, on every rank.
     tracker = WeightDeltaTracker(model)

@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import peft
 import pytest
+import torch
 import torch.distributed
+from helpers import base_model, logits
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 pytestmark = pytest.mark.skipif(
@@ -60,6 +63,10 @@ def test_fsdp2_swaps_shards_and_reports_global_figures(tmp_path):
     assert rank0["report_l2"] == rank1["report_l2"]
     assert rank0["props"] == rank1["props"] and len(rank0["props"]) == 6
     assert 1 in {r for r, _, _ in rank0["props"]}  # one rank held an empty shard
+    # The sharded reference saved from both ranks is one whole adapter that peft reads.
+    loaded = peft.PeftModel.from_pretrained(base_model(0), tmp_path / "saved-ref").eval()
+    for rank in (0, 1):
+        assert torch.equal(logits(loaded), torch.load(tmp_path / f"saved-ref-logits-{rank}.pt"))
 
 
 @pytest.mark.slow

@@ -435,8 +435,8 @@ def adapter_files(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[
     tensors = {n: v.detach().contiguous().clone() for n, v in state.items()}
     if not is_peft(model):
         return tensors, None
+    name_of = {id(p): n for n, p in model.named_parameters()}
     for adapter, config in model.peft_config.items():
-        name_of = {id(p): n for n, p in model.named_parameters()}
         file_key = {
             name_of[id(v)]: k for k, v in _file_keys(model, adapter).items() if id(v) in name_of
         }
