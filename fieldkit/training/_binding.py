@@ -39,8 +39,7 @@ class Binding:
         # Kept as parallel lists, so that `current` runs as C-level maps and list compares.
         self._dicts = [d for d, _, _ in edges.values()]
         self._keys = [k for _, k, _ in edges.values()]
-        self._objs = [o for _, _, o in edges.values()]  # held, so that no id is reused
-        self._ids = list(map(id, self._objs))
+        self._objs = [o for _, _, o in edges.values()]
         self.sharded = [sharding.is_sharded(p) for p in self.params]
         self._any_sharded = any(self.sharded)
         self.fsdp = sharding.fsdp_modules(model) if any(self.sharded) else []
@@ -58,9 +57,9 @@ class Binding:
     def current(self) -> bool:
         """Whether every name still leads to the same parameter, with the same shape, dtype,
         device, strides and storage."""
-        # By id: `==` on tensors would compare values.
+        # By identity (`==` on tensors would compare values), in C, with nothing allocated.
         return (
-            list(map(id, map(dict.get, self._dicts, self._keys))) == self._ids
+            all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._objs))
             and self._sign() == self._signature
         )
 
