@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from . import _sharding as sharding
-from ._adapter import LoadReport, adapter_files, read_adapter, write_atomically
+from ._adapter import LoadReport, read_adapter
 from ._binding import Binding
 from ._buffers import pack, stage
 from ._checks import StateDict, check_alpha, keys, trainable
+from ._saving import adapter_files, write_atomically
 from ._state import soft_update_
 from ._swap import Mode, bind, check_mode, plan
 
