@@ -163,18 +163,18 @@ def _plain(value):
     return getattr(value, "value", value)
 
 
-def file_keys(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+def file_keys(
+    model: nn.Module, adapter_name: str, live: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """File key -> the live tensor (parameter or buffer) it is saved from, as peft's own save
-    path maps them."""
+    path maps them; ``live`` is ``model.state_dict(keep_vars=True)``, walked once by the
+    caller."""
     from peft import get_peft_model_state_dict
 
     # Handing peft the tensors themselves (keep_vars) makes its key transform reveal which live
     # tensor each file key comes from: no string rules of our own.
     return get_peft_model_state_dict(
-        model,
-        state_dict=model.state_dict(keep_vars=True),
-        adapter_name=adapter_name,
-        save_embedding_layers=False,
+        model, state_dict=live, adapter_name=adapter_name, save_embedding_layers=False
     )
 
 
@@ -279,7 +279,8 @@ def read_adapter(
     _check_config(path, config, adapter_name)
 
     params = sharding.named_parameters(model)
-    by_file_key = file_keys(model, adapter_name)
+    live_tensors = model.state_dict(keep_vars=True)
+    by_file_key = file_keys(model, adapter_name, live_tensors)
     name_of = {id(p): n for n, p in params.items()}
     live_name = {k: name_of[id(v)] for k, v in by_file_key.items() if id(v) in name_of}
     from safetensors import safe_open
@@ -324,7 +325,7 @@ def read_adapter(
     state: StateDict = {}
     with reading(fn, path):
         with safe_open(path, framework="pt", device="cpu") as f:
-            unread = _unread(model, skipped, by_file_key, live_name, name_of, f.get_tensor)
+            unread = _unread(live_tensors, skipped, by_file_key, live_name, name_of, f.get_tensor)
             for k, n in wanted.items():
                 like = sharding.local(params[n])
                 index = sharding.shard_index(params[n])
@@ -344,12 +345,11 @@ def read_adapter(
     return dict(sorted(state.items())), report, params
 
 
-def _unread(model, skipped, by_file_key, live_name, name_of, read) -> list[str]:
+def _unread(live_tensors, skipped, by_file_key, live_name, name_of, read) -> list[str]:
     """Check what the file holds beyond the trainable tensors against the model: a buffer the
     forward reads (VeRA's projections, ...) that differs is an error; a frozen weight that
     differs, a tensor of this adapter left frozen, or a key the model has nothing for, is
     returned, described, for the caller's warning."""
-    live_tensors = model.state_dict(keep_vars=True)
     unread, buffers = [], []
     for k in skipped:
         live = by_file_key.get(k)

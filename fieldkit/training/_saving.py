@@ -61,9 +61,12 @@ def adapter_files(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[
     if not is_peft(model):
         return tensors, None
     name_of = {id(p): n for n, p in model.named_parameters()}
+    live = model.state_dict(keep_vars=True)
     for adapter, config in model.peft_config.items():
         file_key = {
-            name_of[id(v)]: k for k, v in file_keys(model, adapter).items() if id(v) in name_of
+            name_of[id(v)]: k
+            for k, v in file_keys(model, adapter, live).items()
+            if id(v) in name_of
         }
         if all(n in file_key for n in state):
             return {file_key[n]: v for n, v in tensors.items()}, config
