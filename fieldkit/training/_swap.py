@@ -136,7 +136,8 @@ class Swap:
             # backward stays valid, and sees the original values again after the restore.
             targets = [datas[i] for i in copied]
             saved = self.stash() if stash is None else stash
-            sharding.before_shard_writes(self._shards())
+            shards = self._shards()
+            sharding.before_shard_writes(shards)
             torch._foreach_copy_(saved, targets)
             try:
                 torch._foreach_copy_(targets, [values[i] for i in copied])
@@ -144,7 +145,7 @@ class Swap:
                 torch._foreach_copy_(targets, saved)
                 raise
             finally:
-                sharding.after_shard_writes(self._shards())
+                sharding.after_shard_writes(shards)
             for i, old in zip(copied, saved, strict=True):
                 displaced[i] = old
         done: list[int] = []
@@ -174,11 +175,12 @@ class Swap:
         params, copied = self.params, self.copied
         changed = [] if since is None else written(self.names, params, since)
         if copied:
-            sharding.before_shard_writes(self._shards())
+            shards = self._shards()
+            sharding.before_shard_writes(shards)
             torch._foreach_copy_(
                 [sharding.local(params[i]) for i in copied], [displaced[i] for i in copied]
             )
-            sharding.after_shard_writes(self._shards())
+            sharding.after_shard_writes(shards)
         skip = set(copied)
         for i, (param, old) in enumerate(zip(params, displaced, strict=True)):
             if i not in skip:
