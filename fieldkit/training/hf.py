@@ -64,7 +64,7 @@ class WeightDeltaCallback(TrainerCallback):
 
             tensors = {
                 f"{part}/{n}": v
-                for part, tracker in (("start", self._start), ("since_log", self._since_log))
+                for part, tracker in self._saved_trackers()
                 for n, v in tracker.state_dict().items()
             }
             save_file(tensors, _fieldkit_dir(args, state, make=True) / "weight_delta.safetensors")
@@ -79,11 +79,15 @@ class WeightDeltaCallback(TrainerCallback):
             from safetensors.torch import load_file
 
             saved = load_file(path)
-            for part, tracker in (("start", self._start), ("since_log", self._since_log)):
+            for part, tracker in self._saved_trackers():
                 prefix = f"{part}/"
                 tracker.load_state_dict(
                     {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
                 )
+
+    def _saved_trackers(self) -> tuple[tuple[str, WeightDeltaTracker], ...]:
+        """What a checkpoint carries, by the prefix of its keys in the file."""
+        return (("start", self._start), ("since_log", self._since_log))
 
     def install(self, trainer) -> WeightDeltaCallback:
         """Put this callback first in ``trainer``'s list, before the reporters, and return it."""
@@ -94,6 +98,7 @@ class WeightDeltaCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args, state, control, model: nn.Module = None, **kwargs):
+        self._resumed = False  # each train() call may resume from a checkpoint
         self._start = WeightDeltaTracker(model)
         self._since_log = WeightDeltaTracker(model)
         self._since_step = WeightDeltaTracker(model) if self.check_steps else None
@@ -154,6 +159,9 @@ class ReferenceSyncCallback(TrainerCallback):
             raise ValueError(f"ReferenceSyncCallback: every must be an int >= 1, got {every!r}")
         self.snapshot, self.alpha, self.every = snapshot, alpha, every
         self._resumed = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._resumed = False  # each train() call may resume from a checkpoint
 
     def on_step_end(self, args, state, control, model: nn.Module = None, **kwargs):
         if state.global_step % self.every == 0:
