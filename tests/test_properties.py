@@ -101,7 +101,10 @@ def test_weight_delta_in_small_runs_and_packed_equals_a_float64_computation(pair
     with pytest.MonkeyPatch.context() as patch, delta_path("torch"):  # CHUNK is torch ops'
         patch.setattr(_delta, "CHUNK", chunk)
         got = weight_delta(before, after)
+        plan = _delta.DeltaPlan(list(before.values()), [after[k] for k in before])
     _assert_float64_delta(got, before, after)
+    for run in (run for part in plan.parts for run in part.runs):  # a tensor bigger is cut
+        assert run.diff.untyped_storage().nbytes() <= chunk * run.diff.element_size()
 
 
 @pytest.mark.parametrize("path", DELTA_PATHS)

@@ -13,6 +13,7 @@ from fieldkit.training import (
     capture_trainable,
     weight_delta,
 )
+from fieldkit.training import _delta
 
 
 def _train(model, steps, lr):
@@ -122,6 +123,27 @@ def test_a_non_contiguous_trainable_parameter_is_measured_every_time(path):
                 model.conv.weight.add_(1.0)
             expected = weight_delta(tracker._before, dict(model.named_parameters()))
             assert tracker.delta() == expected and math.isclose(expected[1], step, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_the_torch_ops_scratch_is_one_run_however_large_the_tensor(layout):
+    """The scratch buffer was as large as the largest tensor (51 MB for a 12.8M-element
+    embedding); a tensor bigger than a run is now cut into runs."""
+    rows = _delta.CHUNK // 64 * 3 + 5  # three runs and a bit
+    with delta_path("torch"):
+        model = torch.nn.Module()
+        w = torch.randn(rows, 64) if layout == "contiguous" else torch.randn(64, rows).t()
+        model.w = torch.nn.Parameter(w)
+        tracker = WeightDeltaTracker(model)
+        before = tracker._before["w"].double()
+        with torch.no_grad():
+            model.w.add_(torch.randn(rows, 64))
+        l2, max_abs = tracker.delta()
+        scratch = {run.diff.untyped_storage().nbytes() for p in tracker._plan.parts for run in p.runs}
+    d = model.w.detach().double() - before
+    assert math.isclose(l2, float(d.square().sum().sqrt()), rel_tol=1e-6)
+    assert max_abs == float(d.abs().max())
+    assert max(scratch) <= _delta.CHUNK * 4
 
 
 def test_a_tracker_made_in_inference_mode_works_outside_it():

@@ -63,6 +63,34 @@ def move(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.to(device, non_blocking=torch.device(device).type != "cpu")
 
 
+def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """``dst.copy_(src)`` for every pair, waiting once per CUDA device read instead of once per
+    tensor: copies from CUDA to the CPU are queued non-blocking (into pinned memory they
+    overlap), then each source device's current stream, which ran them, is waited on before
+    any CPU reader can see a destination."""
+    waits = set()
+    for dst, src in zip(dsts, srcs, strict=True):
+        to_host = src.device.type == "cuda" and dst.device.type == "cpu"
+        dst.copy_(src.detach(), non_blocking=to_host)
+        if to_host:
+            waits.add(src.device)
+    for device in waits:
+        torch.cuda.current_stream(device).synchronize()
+
+
+def read(tensors: list[torch.Tensor]) -> list[list]:
+    """Each tensor's values as a flat Python list, in one device-to-host read per (device,
+    dtype) for all of them: one sync, not one per tensor."""
+    out: list[list] = [[] for _ in tensors]
+    for idx in groups(tensors).values():
+        values = torch.cat([tensors[i].reshape(-1) for i in idx]).tolist()
+        at = 0
+        for i in idx:
+            out[i] = values[at : at + tensors[i].numel()]
+            at += tensors[i].numel()
+    return out
+
+
 def dense(t: torch.Tensor) -> bool:
     """Whether ``t``'s elements fill ``t.numel()`` consecutive slots in some order of its
     dimensions (contiguous, transposed, channels-last): a layout a flat buffer can copy."""
@@ -118,8 +146,7 @@ def pack(
 ) -> tuple[list[torch.Tensor], list[Pack]]:
     """CPU copies of ``values``, packed as :func:`packed` lays out ``likes``."""
     out, packs = packed(likes, on_host=True, strided=strided)
-    for view, value in zip(out, values, strict=True):
-        view.copy_(value.detach())
+    copy_all(out, values)
     return out, packs
 
 

@@ -17,7 +17,7 @@ import torch
 
 from . import _kernel
 from . import _sharding as sharding
-from ._buffers import groups, move, span, views
+from ._buffers import move, read, span, views
 from ._checks import check_shapes, keys
 
 CHUNK = 1 << 18
@@ -25,10 +25,10 @@ CHUNK = 1 << 18
 
 
 def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Consecutive runs of pairs of at most CHUNK elements (a bigger tensor is a run alone)."""
+    """Consecutive runs of pairs of at most CHUNK elements in all (a bigger tensor is cut)."""
     run: list[tuple[torch.Tensor, torch.Tensor]] = []
     size = 0
-    for b, a in pairs:
+    for b, a in (piece for pair in pairs for piece in _pieces(*pair)):
         if run and size + a.numel() > CHUNK:
             yield run, size
             run, size = [], 0
@@ -36,6 +36,22 @@ def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
         size += a.numel()
     if run:
         yield run, size
+
+
+def _pieces(b: torch.Tensor, a: torch.Tensor):
+    """``(b, a)`` as views of at most CHUNK elements each, cut along the leading dimension(s),
+    so that no scratch buffer need be as large as the largest tensor."""
+    if a.numel() <= CHUNK:
+        yield b, a
+        return
+    inner = math.prod(a.shape[1:])
+    if inner > CHUNK:
+        for i in range(a.shape[0]):
+            yield from _pieces(b[i], a[i])
+        return
+    step = CHUNK // inner
+    for i in range(0, a.shape[0], step):
+        yield b[i : i + step], a[i : i + step]
 
 
 class _Run(NamedTuple):
@@ -156,14 +172,10 @@ def _partial(runs: list[_Run]) -> tuple[float, float]:
                 piece.sub_(move(b, d.device))
         lo, hi = torch.aminmax(d)
         results.append(torch.stack([d.square_().sum(), -lo, hi]).double())
+    sq, max_abs = 0.0, 0.0
     # One device-to-host read per device for every run, after all are queued: one sync, not
     # one per run.
-    figures: list = [None] * len(results)
-    for idx in groups(results).values():
-        for i, row in zip(idx, torch.stack([results[i] for i in idx]).tolist(), strict=True):
-            figures[i] = row
-    sq, max_abs = 0.0, 0.0
-    for run, (s, m_lo, m_hi) in zip(runs, figures, strict=True):
+    for run, (s, m_lo, m_hi) in zip(runs, read(results), strict=True):
         m = max(m_lo, m_hi)
         if math.isnan(m) or math.isnan(s):
             return math.nan, math.nan
@@ -187,10 +199,10 @@ def weight_delta(
 
     Differences in float32 (float64 when either side is float64 or not a float). Contiguous CPU
     pairs of one dtype, float32 or bfloat16, go to a fused C kernel (``_kernel``): one pass,
-    float64 sums, no extra tensor memory. The rest go through torch ops in runs of tensors of at
-    most ``CHUNK`` elements: a few ops per run rather than per tensor, extra memory one buffer
-    of max(``CHUNK``, the largest tensor) elements, and float32 sums of squares redone in
-    float64 where they would overflow or underflow. NaN anywhere gives ``(nan, nan)``.
+    float64 sums, no extra tensor memory. The rest go through torch ops in runs of at most
+    ``CHUNK`` elements (a bigger tensor is cut into runs): a few ops per run rather than per
+    tensor, extra memory one buffer of at most ``CHUNK`` elements per (device, dtype), and
+    float32 sums of squares redone in float64 where they would overflow or underflow. NaN anywhere gives ``(nan, nan)``.
     Sharded (FSDP2) tensors in ``after`` give the global figures on every rank: it is a
     collective then, which every rank must call.
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import _sharding as sharding
+from ._buffers import move, read
 from ._checks import check_shapes, first
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -173,30 +174,42 @@ def delta_report(
     """
     names = [n for n in before if n in after]
     check_shapes("delta_report", [(n, before[n], after[n]) for n in names])
-    # Per tensor, this rank's sums (squares of Δ, squares of before, equal elements, elements)
-    # and maxima (|Δ|, a non-zero gradient, a non-zero LoRA partner), combined over the shards.
-    sums, maxima, parts = [], [], {}
+    # Per tensor, this rank's sums (squares of Δ, squares of before, equal elements) and maxima
+    # (|Δ|, a non-zero gradient), on its device, read back all at once; then combined over the
+    # shards with the elements and a non-zero LoRA partner.
+    figures, nonzero, parts = [], {}, {}
     for i, name in enumerate(names):
-        a, b = (
-            sharding.local(after[name]),
-            sharding.local(before[name]).to(sharding.local(after[name]).device),
-        )
+        a = sharding.local(after[name])
+        b = move(sharding.local(before[name]), a.device)
         wide = torch.float32 if a.device.type == "mps" else torch.float64  # MPS has no float64
         a, b = a.to(wide), b.to(wide)
         d = a - b
         grad = after[name].grad if isinstance(after[name], nn.Parameter) else None
-        partner = _partner(name)
-        sums.append([d.square().sum(), b.square().sum(), (a == b).sum(), a.numel()])
-        maxima.append(
-            [
-                d.abs().max() if d.numel() else 0.0,
-                float(grad is not None and bool(sharding.local(grad).any())),
-                float(partner not in before or bool(sharding.local(before[partner]).any())),
-            ]
+        none = a.new_zeros(())
+        figures.append(
+            torch.stack(
+                [
+                    d.square().sum(),
+                    b.square().sum(),
+                    (a == b).sum().to(wide),
+                    d.abs().max() if d.numel() else none,
+                    none if grad is None else sharding.local(grad).any().to(wide),
+                ]
+            )
         )
+        partner = _partner(name)
+        if partner in before and partner not in nonzero:
+            nonzero[partner] = sharding.local(before[partner]).any()
         parts.setdefault(sharding.groups(after[name]), []).append(i)
-    sums_t = torch.tensor([[float(x) for x in row] for row in sums], dtype=torch.float64)
-    maxima_t = torch.tensor([[float(x) for x in row] for row in maxima], dtype=torch.float64)
+    values = read(figures + list(nonzero.values()))
+    nonzero = dict(zip(nonzero, values[len(names) :], strict=True))
+    sums, maxima = [], []
+    for name, (sq_d, sq_b, equal, mx, grad_any) in zip(names, values[: len(names)], strict=True):
+        partner = _partner(name)
+        sums.append([sq_d, sq_b, equal, sharding.local(after[name]).numel()])
+        maxima.append([mx, grad_any, float(partner not in nonzero or nonzero[partner][0])])
+    sums_t = torch.tensor(sums, dtype=torch.float64)
+    maxima_t = torch.tensor(maxima, dtype=torch.float64)
     for over, idx in parts.items():
         if over:
             device = sharding.reduce_device(over, sharding.local(after[names[idx[0]]]).device)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ._buffers import host_copy
+from ._buffers import copy_all, host_copy
 from ._checks import StateDict, check_alpha, check_shapes, keys, trainable
 
 
@@ -74,11 +74,18 @@ def soft_update_(
     )
     if alpha == 0.0:
         return
+    refs, news = list(reference.values()), [policy[name] for name in reference]
     with torch.no_grad():
-        for name, ref in reference.items():
-            new = policy[name].detach().to(ref.device)
-            if alpha < 1.0:
-                wide = torch.float64 in (ref.dtype, new.dtype)
-                dtype = torch.float64 if wide else torch.float32
-                new = ref.to(dtype).lerp(new.to(dtype), alpha)
-            ref.copy_(new)
+        if alpha < 1.0:  # the policy's values next to the reference's (pinned beside pinned)
+            news = [_empty_like(new, ref) for ref, new in zip(refs, news, strict=True)]
+            copy_all(news, [policy[name] for name in reference])
+            for i, (ref, new) in enumerate(zip(refs, news, strict=True)):
+                dtype = torch.float64 if torch.float64 in (ref.dtype, new.dtype) else torch.float32
+                news[i] = ref.to(dtype).lerp(new.to(dtype), alpha)
+        copy_all(refs, news)
+
+
+def _empty_like(t: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped like ``t``, on ``where``'s device, pinned where ``where`` is."""
+    pin = where.device.type == "cpu" and where.is_pinned()
+    return torch.empty(t.shape, dtype=t.dtype, device=where.device, pin_memory=pin)

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import _sharding as sharding
 from ._binding import Binding
-from ._buffers import pack
+from ._buffers import copy_all, pack
 from ._checks import check_shapes, keys, trainable
 from ._delta import DeltaPlan
 from ._report import DeltaReport, delta_report
@@ -83,8 +83,7 @@ class WeightDeltaTracker:
         then measures from here."""
         binding = self._bound()
         befores = [self._before[n] for n in binding.names]
-        if befores:
-            torch._foreach_copy_(befores, [sharding.local(p) for p in binding.params])
+        copy_all(befores, [sharding.local(p) for p in binding.params])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The starting point, ``{name: CPU tensor}`` (copies): save it (e.g. with safetensors)
