@@ -11,19 +11,19 @@ Pack = tuple[torch.device, torch.Tensor, list[int]]
 
 
 def host_copy(tensor: torch.Tensor, *, like: torch.Tensor, pin: bool | None = None) -> torch.Tensor:
-    """A CPU copy in ``like``'s dtype and, where ``like`` is dense, its strides (a swap keeps
-    the layout); pinned (unless ``pin=False``: a copy that is packed again later) when
-    ``like`` lives on CUDA, so the copy to the device can be non-blocking."""
+    """A CPU copy of ``tensor`` laid out as :func:`host_empty` lays out ``like``."""
+    return host_empty(like, pin=pin).copy_(tensor.detach())
+
+
+def host_empty(like: torch.Tensor, *, pin: bool | None = None) -> torch.Tensor:
+    """An uninitialised CPU tensor in ``like``'s shape, dtype and, where ``like`` is dense, its
+    strides (a swap keeps the layout); pinned (unless ``pin=False``: a copy that is packed
+    again later) when ``like`` lives on CUDA, so that copies to and from it can overlap."""
     pin = like.device.type == "cuda" if pin is None else pin
-    stride = like.stride() if dense(like) else None
     with torch.inference_mode(False):  # kept and written later, outside inference mode too
-        return _empty(tensor.shape, stride, like.dtype, pin).copy_(tensor.detach())
-
-
-def _empty(shape, stride, dtype, pin) -> torch.Tensor:
-    if stride is None:
-        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
-    return torch.empty_strided(shape, stride, dtype=dtype, device="cpu", pin_memory=pin)
+        if not dense(like):
+            return torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
+        return torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, pin_memory=pin)
 
 
 def span(tensors: list[torch.Tensor]) -> torch.Tensor | None:

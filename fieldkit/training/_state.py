@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ._buffers import copy_all, host_copy
+from ._buffers import copy_all, host_empty
 from ._checks import StateDict, check_alpha, check_shapes, keys, trainable
 
 
@@ -36,7 +36,10 @@ def capture_trainable(model: nn.Module, /) -> StateDict:
     >>> state["weight"].data_ptr() != layer.weight.data_ptr()
     True
     """
-    return {name: host_copy(v, like=v) for name, v in trainable("capture_trainable", model)}
+    found = trainable("capture_trainable", model)
+    state = {name: host_empty(v) for name, v in found}
+    copy_all(list(state.values()), [v for _, v in found])  # one wait, not one per tensor
+    return state
 
 
 def soft_update_(
@@ -76,16 +79,14 @@ def soft_update_(
         return
     refs, news = list(reference.values()), [policy[name] for name in reference]
     with torch.no_grad():
-        if alpha < 1.0:  # the policy's values next to the reference's (pinned beside pinned)
-            news = [_empty_like(new, ref) for ref, new in zip(refs, news, strict=True)]
+        if alpha < 1.0:  # the policy on the reference's devices first, one wait for all
+            news = [
+                host_empty(new) if ref.is_cpu else torch.empty_like(new, device=ref.device)
+                for ref, new in zip(refs, news, strict=True)
+            ]
             copy_all(news, [policy[name] for name in reference])
             for i, (ref, new) in enumerate(zip(refs, news, strict=True)):
                 dtype = torch.float64 if torch.float64 in (ref.dtype, new.dtype) else torch.float32
                 news[i] = ref.to(dtype).lerp(new.to(dtype), alpha)
         copy_all(refs, news)
 
-
-def _empty_like(t: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """An empty tensor shaped like ``t``, on ``where``'s device, pinned where ``where`` is."""
-    pin = where.device.type == "cpu" and where.is_pinned()
-    return torch.empty(t.shape, dtype=t.dtype, device=where.device, pin_memory=pin)
