@@ -63,14 +63,14 @@ def _step(model, reference=None) -> list[torch.Tensor]:
     return _grads(model)
 
 
-def _shard(model, device: str = "cpu") -> None:
+def _shard(model, device: str = "cpu", **options) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     for layer in model.base_model.model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **options)
 
 
 def fsdp2(out: Path) -> dict:
@@ -294,11 +294,40 @@ def nccl(out: Path) -> dict:
     return {"delta": tracker.delta()}  # global: the same on both ranks
 
 
+def offload(out: Path) -> dict:
+    """FSDP2 with CPUOffloadPolicy on NCCL: shards on the CPU, moved to the GPU by FSDP2's
+    non-blocking copies. The reference forward's copies are held behind a sleep (FSDP2's
+    all-gather streams wait for the current stream at the root's forward); the restore's CPU
+    writes into the shards must wait for them. The delta's reduction must run on the GPU."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    rank = dist.get_rank()
+    torch.cuda.set_device(rank)
+    model = peft_model("linear", seed=2, r=R).cuda()
+    _shard(model, "cuda", offload_policy=CPUOffloadPolicy())
+    tokens = TOKENS.cuda()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(_local(p).device.type == "cpu" for p in trainable)
+    with torch.no_grad():
+        expected = model(tokens).logits.cpu()
+    snap = LoraReferenceSnapshot(model)
+    tracker = WeightDeltaTracker(model)
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        for p in trainable:
+            _local(p).add_(0.5 * (rank + 1))
+    with snap:
+        torch.cuda._sleep(200_000_000)  # FSDP2's copies of the CPU shards queue behind this
+        reference = model(tokens).logits
+    assert torch.equal(reference.cpu(), expected), "the reference forward read live weights"
+    return {"delta": tracker.delta()}  # reduced over NCCL from CPU shards: on the GPU
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
-    dist.init_process_group("nccl" if scenario == "nccl" else "gloo")
+    dist.init_process_group("nccl" if scenario in ("nccl", "offload") else "gloo")
     try:
-        result = {"fsdp2": fsdp2, "ddp": ddp, "nccl": nccl}[scenario](out)
+        result = {"fsdp2": fsdp2, "ddp": ddp, "nccl": nccl, "offload": offload}[scenario](out)
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:

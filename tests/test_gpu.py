@@ -70,27 +70,56 @@ def test_a_cuda_model_with_a_pinned_snapshot_gives_the_reference_and_restores(mo
     assert torch.equal(logits(model), expected_live)
 
 
+def _syncs(fn) -> int:
+    """How many times ``fn()`` made the host wait for the GPU (torch's sync debug mode)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
 def test_delta_on_cuda_reads_the_device_once_and_equals_the_cpu_figures():
     model = peft_model("linear", seed=2).cuda()
     start = capture_trainable(model)
     tracker = WeightDeltaTracker(model)
     tracker.delta()  # the plan, made once
     perturb(model, seed=7)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            got = tracker.delta()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchronizing" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    got = []
+    assert _syncs(lambda: got.append(tracker.delta())) == 1
     live = {n: p.detach().cpu() for n, p in model.named_parameters() if n in start}
     expected = weight_delta(start, live)
-    assert math.isclose(got[0], expected[0], rel_tol=1e-5) and got[1] == expected[1]
+    assert math.isclose(got[0][0], expected[0], rel_tol=1e-5) and got[0][1] == expected[1]
     report = delta_report(start, dict(model.named_parameters()))
     assert math.isclose(report.l2, expected[0], rel_tol=1e-5)
+
+
+def test_copies_to_the_host_wait_once_per_call_not_once_per_tensor():
+    """Each call queues its device-to-host copies (into pinned memory) and waits once; the
+    copies land before the call returns."""
+    model = peft_model("linear", seed=2).cuda()
+    made: dict = {}
+    assert _syncs(lambda: made.update(start=capture_trainable(model))) == 1
+    assert _syncs(lambda: made.update(tracker=WeightDeltaTracker(model))) == 1
+    assert _syncs(lambda: made.update(snap=LoraReferenceSnapshot(model))) == 1
+    start, tracker, snap = made["start"], made["tracker"], made["snap"]
+    assert len(start) > 4 and all(t.is_pinned() for t in start.values())
+    live = {n: p for n, p in model.named_parameters() if n in start}
+    assert all(torch.equal(start[n], p.detach().cpu()) for n, p in live.items())
+    perturb(model, seed=7)
+    assert _syncs(tracker.reset) == 1 and tracker.delta() == (0.0, 0.0)
+    assert _syncs(lambda: made.update(report=delta_report(start, live))) == 1
+    assert made["report"].max_abs > 0
+    with snap:  # queues a copy out of the pinned snapshot, which update_ waits for
+        pass
+    # At most one wait for that copy and one for the policy's values.
+    assert _syncs(lambda: snap.update_(model, 0.5)) <= 2
+    assert _syncs(lambda: snap.refresh(model)) <= 1
+    assert all(torch.equal(snap.state[n], p.detach().cpu()) for n, p in live.items())
 
 
 def test_gradients_exact_with_a_reference_forward_between_on_a_busy_stream(mode):
@@ -146,4 +175,16 @@ def test_fsdp2_on_nccl_backward_sees_the_restored_weights(tmp_path):
     from test_distributed import _run
 
     results = _run("nccl", tmp_path)
+    assert results[0] == results[1]
+
+
+@needs_two
+def test_fsdp2_with_cpu_offload_on_nccl_keeps_the_reference_and_reduces_on_the_gpu(tmp_path):
+    """Two ranks, FSDP2 with CPUOffloadPolicy on NCCL: the shards live on the CPU and FSDP2
+    moves them to the GPU with non-blocking copies, held here behind a sleep; the restore's
+    CPU writes must not overtake them (the reference forward gives the reference), and the
+    delta's reduction runs on the GPU (NCCL takes no CPU tensors)."""
+    from test_distributed import _run
+
+    results = _run("offload", tmp_path)
     assert results[0] == results[1]

@@ -10,10 +10,10 @@ from helpers import DELTA_PATHS, TOKENS, delta_path, peft_model
 from fieldkit.training import (
     LoraReferenceSnapshot,
     WeightDeltaTracker,
+    _delta,
     capture_trainable,
     weight_delta,
 )
-from fieldkit.training import _delta
 
 
 def _train(model, steps, lr):
@@ -139,7 +139,9 @@ def test_the_torch_ops_scratch_is_one_run_however_large_the_tensor(layout):
         with torch.no_grad():
             model.w.add_(torch.randn(rows, 64))
         l2, max_abs = tracker.delta()
-        scratch = {run.diff.untyped_storage().nbytes() for p in tracker._plan.parts for run in p.runs}
+        scratch = {
+            run.diff.untyped_storage().nbytes() for p in tracker._plan.parts for run in p.runs
+        }
     d = model.w.detach() - before  # in float32, as the tracker takes it
     assert math.isclose(l2, float(d.double().square().sum().sqrt()), rel_tol=1e-6)
     assert max_abs == float(d.abs().max())

@@ -202,9 +202,9 @@ def weight_delta(
     float64 sums, no extra tensor memory. The rest go through torch ops in runs of at most
     ``CHUNK`` elements (a bigger tensor is cut into runs): a few ops per run rather than per
     tensor, extra memory one buffer of at most ``CHUNK`` elements per (device, dtype), and
-    float32 sums of squares redone in float64 where they would overflow or underflow. NaN anywhere gives ``(nan, nan)``.
-    Sharded (FSDP2) tensors in ``after`` give the global figures on every rank: it is a
-    collective then, which every rank must call.
+    float32 sums of squares redone in float64 where they would overflow or underflow. NaN
+    anywhere gives ``(nan, nan)``. Sharded (FSDP2) tensors in ``after`` give the global figures
+    on every rank: it is a collective then, which every rank must call.
 
     Args:
         before: a state dict, e.g. from :func:`capture_trainable`.

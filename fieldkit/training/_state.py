@@ -89,4 +89,3 @@ def soft_update_(
                 dtype = torch.float64 if torch.float64 in (ref.dtype, new.dtype) else torch.float32
                 news[i] = ref.to(dtype).lerp(new.to(dtype), alpha)
         copy_all(refs, news)
-
