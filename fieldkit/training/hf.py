@@ -41,6 +41,10 @@ class WeightDeltaCallback(TrainerCallback):
     (learning rate 0, frozen, rounded away, ...). Set ``check_steps=False`` to skip that check
     (it costs one delta and one copy of the adapter per step until it fires).
 
+    It holds one CPU copy of the trainable weights per question it answers exactly (pinned
+    where they live on CUDA): since the start, since the last log and, with ``check_steps``,
+    since the last optimizer step.
+
     Trainer runs the callbacks in order and puts those of ``report_to`` first; to have them log
     these figures too, put this callback first: ``WeightDeltaCallback().install(trainer)``.
 
