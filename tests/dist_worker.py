@@ -291,7 +291,14 @@ def nccl(out: Path) -> dict:
         for p in model.parameters():
             if p.requires_grad:
                 _local(p).add_(1.0)
-    return {"delta": tracker.delta()}  # global: the same on both ranks
+    delta = tracker.delta()  # global: the same on both ranks
+    # A NaN on one rank only reaches both (NCCL's MAX may drop it; the SUM carries it).
+    lora = next(p for p in model.parameters() if p.requires_grad and _local(p).numel())
+    if rank == 1:
+        with torch.no_grad():
+            _local(lora).view(-1)[0] = math.nan
+    assert all(map(math.isnan, tracker.delta())), "a NaN on rank 1 was lost in the reduction"
+    return {"delta": delta}
 
 
 def offload(out: Path) -> dict:

@@ -122,6 +122,25 @@ def test_copies_to_the_host_wait_once_per_call_not_once_per_tensor():
     assert all(torch.equal(snap.state[n], p.detach().cpu()) for n, p in live.items())
 
 
+def _pinned_blocks_handed_out() -> int:
+    """How many pinned blocks torch's host allocator has handed out in this process so far."""
+    stats = torch.cuda.host_memory_stats()
+    return next(v for k, v in stats.items() if k.startswith("active_requests") and "allocated" in k)
+
+
+def test_from_disk_pins_the_snapshot_once(tmp_path):
+    """Each tensor read from the file was pinned, and then pinned again when packed: twice the
+    pinned memory, which on a GB10 is the GPU's. Now one packed block per (device, dtype)."""
+    model = peft_model("linear", seed=2).cuda()
+    model.save_pretrained(tmp_path)
+    torch.cuda.synchronize()
+    before = _pinned_blocks_handed_out()
+    snap = LoraReferenceSnapshot.from_disk(model, tmp_path)
+    assert all(t.is_pinned() for t in snap.state.values())
+    assert len({t.dtype for t in snap.state.values()}) == 1
+    assert _pinned_blocks_handed_out() - before == 1  # one (device, dtype): one block
+
+
 def test_gradients_exact_with_a_reference_forward_between_on_a_busy_stream(mode):
     model = peft_model("linear", seed=2).cuda()
     snap = LoraReferenceSnapshot(model, mode=mode)
