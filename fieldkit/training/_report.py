@@ -177,8 +177,9 @@ def delta_report(
     # Per tensor, this rank's sums (squares of Δ, squares of before, equal elements) and maxima
     # (|Δ|, a non-zero gradient), on its device, read back all at once; then combined over the
     # shards with the elements and a non-zero LoRA partner.
+    partners = [_partner(name) for name in names]
     figures, nonzero, parts = [], {}, {}
-    for i, name in enumerate(names):
+    for i, (name, partner) in enumerate(zip(names, partners, strict=True)):
         a = sharding.local(after[name])
         b = move(sharding.local(before[name]), a.device)
         wide = torch.float32 if a.device.type == "mps" else torch.float64  # MPS has no float64
@@ -197,15 +198,15 @@ def delta_report(
                 ]
             )
         )
-        partner = _partner(name)
         if partner in before and partner not in nonzero:
             nonzero[partner] = sharding.local(before[partner]).any()
         parts.setdefault(sharding.groups(after[name]), []).append(i)
     values = read(figures + list(nonzero.values()))
     nonzero = dict(zip(nonzero, values[len(names) :], strict=True))
     sums, maxima = [], []
-    for name, (sq_d, sq_b, equal, mx, grad_any) in zip(names, values[: len(names)], strict=True):
-        partner = _partner(name)
+    for name, partner, (sq_d, sq_b, equal, mx, grad_any) in zip(
+        names, partners, values[: len(names)], strict=True
+    ):
         sums.append([sq_d, sq_b, equal, sharding.local(after[name]).numel()])
         maxima.append([mx, grad_any, float(partner not in nonzero or nonzero[partner][0])])
     sums_t = torch.tensor(sums, dtype=torch.float64)

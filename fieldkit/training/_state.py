@@ -80,12 +80,16 @@ def soft_update_(
     refs, news = list(reference.values()), [policy[name] for name in reference]
     with torch.no_grad():
         if alpha < 1.0:  # the policy on the reference's devices first, one wait for all
-            news = [
+            held = [
                 host_empty(new) if ref.is_cpu else torch.empty_like(new, device=ref.device)
                 for ref, new in zip(refs, news, strict=True)
             ]
-            copy_all(news, [policy[name] for name in reference])
-            for i, (ref, new) in enumerate(zip(refs, news, strict=True)):
-                dtype = torch.float64 if torch.float64 in (ref.dtype, new.dtype) else torch.float32
-                news[i] = ref.to(dtype).lerp(new.to(dtype), alpha)
+            copy_all(held, news)
+            news = [_lerp(ref, new, alpha) for ref, new in zip(refs, held, strict=True)]
         copy_all(refs, news)
+
+
+def _lerp(ref: torch.Tensor, new: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(1 − alpha)·ref + alpha·new`` in float32 (float64 when either side is float64)."""
+    dtype = torch.float64 if torch.float64 in (ref.dtype, new.dtype) else torch.float32
+    return ref.to(dtype).lerp(new.to(dtype), alpha)
