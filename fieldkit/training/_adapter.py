@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -15,44 +13,7 @@ from . import _sharding as sharding
 from . import missing
 from ._buffers import host_copy
 from ._checks import StateDict, first, keys
-
-# Config fields that cannot change what the adapter's tensors compute, given the tensors: names
-# and bookkeeping, dropout (off in eval, random in training either way), and which modules are
-# targeted (a different set shows as skipped or missing keys, checked separately). Every other
-# field of any peft tuner type is compared: a field peft adds later is compared until it is
-# known not to matter, which errs on the side of an error over a wrong reference.
-_IGNORED_FIELDS = frozenset(
-    {
-        "base_model_name_or_path",
-        "revision",
-        "task_type",
-        "inference_mode",
-        "peft_version",
-        "auto_mapping",
-        "target_modules",
-        "target_parameters",
-        "exclude_modules",
-        "modules_to_save",
-        "layers_to_transform",
-        "layers_pattern",
-        "bias",
-        "lora_dropout",
-        "dropout",
-        "module_dropout",
-        "rank_dropout",
-        "init_weights",
-        "save_projection",
-        "runtime_config",
-        "megatron_config",
-        "megatron_core",
-        "loftq_config",
-        "eva_config",
-        "corda_config",
-    }
-)
-# init_lora_weights values that only draw the tensors' starting values; the others (PiSSA, OLoRA,
-# CorDA, LoftQ, ...) also rewrite the base weights, which the adapter's tensors rely on.
-_RANDOM_INITS = (True, False, "gaussian", "orthogonal", "eva")
+from ._format import PLAIN_FILE, check_config, file_keys, is_peft, plain, reading, weights_path
 
 
 @dataclass(frozen=True)
@@ -90,92 +51,6 @@ def _require(module: str, fn: str):
         return __import__(module)
     except ImportError:
         raise missing(fn, module) from None
-
-
-def weights_path(
-    adapter_dir: str | os.PathLike, adapter_name: str, filename: str, fn: str = "load_adapter_dict"
-) -> str:
-    directory = os.fspath(adapter_dir)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{fn}: adapter_dir {directory!r} is not a directory")
-    candidates = [os.path.join(directory, filename)]
-    if adapter_name != "default":
-        # peft's save_pretrained puts a non-default adapter in a subfolder of its name.
-        candidates.append(os.path.join(directory, adapter_name, filename))
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    hint = ""
-    if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
-        hint = " Found adapter_model.bin: re-save it with save_pretrained(safe_serialization=True)."
-    raise FileNotFoundError(
-        f"{fn}: no weights file {filename!r} in {directory!r} "
-        f"(looked for {', '.join(map(repr, candidates))}).{hint}"
-    )
-
-
-def saved_config(path: str, fn: str) -> dict | None:
-    """The ``adapter_config.json`` beside the weights file ``path``; None when there is none."""
-    config_path = os.path.join(os.path.dirname(path), "adapter_config.json")
-    if not os.path.isfile(config_path):
-        return None
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{fn}: cannot read {config_path!r}: {e}") from None
-
-
-def _check_config(path: str, live_config, adapter_name: str) -> None:
-    saved = saved_config(path, "load_adapter_dict")
-    if saved is None:
-        return
-    live = _plain(live_config.to_dict())
-    config_path = os.path.join(os.path.dirname(path), "adapter_config.json")
-    differ = [
-        f"{field}: file {saved[field]!r}, live {live[field]!r}"
-        for field in sorted(saved.keys() & live.keys() - _IGNORED_FIELDS)
-        if _forward(field, _plain(saved[field])) != _forward(field, live[field])
-    ]
-    if differ:
-        raise ValueError(
-            f"load_adapter_dict: {config_path!r} differs from the live adapter {adapter_name!r} "
-            f"in what the forward computes ({'; '.join(differ)}). Its tensors would not "
-            "reproduce the saved adapter: build the live adapter with the saved config."
-        )
-
-
-def _forward(field: str, value):
-    """What of a config value the forward depends on."""
-    if field == "init_lora_weights" and value in _RANDOM_INITS:
-        return "random"
-    return value
-
-
-def _plain(value):
-    """JSON's view of a config value: enums as their values, tuples and sets as lists."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset)):
-        return sorted(_plain(v) for v in value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return getattr(value, "value", value)
-
-
-def file_keys(
-    model: nn.Module, adapter_name: str, live: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """File key -> the live tensor (parameter or buffer) it is saved from, as peft's own save
-    path maps them; ``live`` is ``model.state_dict(keep_vars=True)``, walked once by the
-    caller."""
-    from peft import get_peft_model_state_dict
-
-    # Handing peft the tensors themselves (keep_vars) makes its key transform reveal which live
-    # tensor each file key comes from: no string rules of our own.
-    return get_peft_model_state_dict(
-        model, state_dict=live, adapter_name=adapter_name, save_embedding_layers=False
-    )
 
 
 def load_adapter_dict(
@@ -250,11 +125,9 @@ def read_adapter(
     that a caller binding the state walks the model no second time."""
     fn = "load_adapter_dict"
     _require("safetensors", fn)
-    from ._saving import PLAIN_FILE, is_peft, read_plain
-
-    plain = os.path.join(os.fspath(adapter_dir), PLAIN_FILE)
-    if not is_peft(model) and os.path.isfile(plain):
-        return read_plain(model, plain, strict, pin)
+    plain_file = os.path.join(os.fspath(adapter_dir), PLAIN_FILE)
+    if not is_peft(model) and os.path.isfile(plain_file):
+        return read_plain(model, plain_file, strict, pin)
     peft = _require("peft", fn)
     if not isinstance(model, peft.PeftModel):
         raise TypeError(
@@ -270,13 +143,13 @@ def read_adapter(
     config = model.peft_config[adapter_name]
     if getattr(config, "is_prompt_learning", False):
         raise ValueError(
-            f"{fn}: adapter {adapter_name!r} is a {_plain(config.peft_type)} adapter (prompt "
+            f"{fn}: adapter {adapter_name!r} is a {plain(config.peft_type)} adapter (prompt "
             "learning): its file holds virtual-token embeddings that peft feeds in front of the "
             "input, not weights of the model's layers, so there is nothing to swap. fieldkit "
             "swaps the weights of layer adapters (LoRA, DoRA, LoHa, IA3, ...)."
         )
     path = weights_path(adapter_dir, adapter_name, weights_filename)
-    _check_config(path, config, adapter_name)
+    check_config(path, config, adapter_name)
 
     params = sharding.named_parameters(model)
     live_tensors = model.state_dict(keep_vars=True)
@@ -378,13 +251,26 @@ def _same(saved: torch.Tensor, live: torch.Tensor) -> bool:
     return saved.shape == live.shape and torch.equal(saved.to(live.dtype), live.detach().cpu())
 
 
-@contextmanager
-def reading(fn: str, path: str):
-    """Turn whatever safetensors raises for a bad file into one ValueError naming the path."""
-    try:
-        yield
-    except Exception as e:
-        raise ValueError(
-            f"{fn}: cannot read {path!r} as safetensors ({type(e).__name__}: {e}). "
-            "Is the file truncated, or not written by save_pretrained?"
-        ) from None
+def read_plain(model: nn.Module, path: str, strict: bool, pin: bool | None):
+    """A :data:`PLAIN_FILE` read back, checked as a peft file is."""
+    from safetensors import safe_open
+
+    fn = "load_adapter_dict"
+    params = sharding.named_parameters(model)
+    with reading(fn, path), safe_open(path, framework="pt", device="cpu") as f:
+        names = sorted(f.keys())
+        wanted = [n for n in names if n in params and params[n].requires_grad]
+        skipped = tuple(n for n in names if n not in wanted)
+        missing = tuple(sorted(n for n, p in params.items() if p.requires_grad and n not in wanted))
+        if not wanted or (strict and (skipped or missing)):
+            raise ValueError(
+                f"{fn}{'(strict=True)' if strict else ''}: {path!r} does not match the model's "
+                f"trainable parameters. Skipped file key(s): {keys(skipped) or 'none'}. "
+                f"Missing trainable parameter(s): {keys(missing) or 'none'}."
+            )
+        state = {}
+        for n in wanted:
+            index = sharding.shard_index(params[n])
+            value = f.get_tensor(n) if index is None else f.get_slice(n)[index]
+            state[n] = host_copy(value, like=sharding.local(params[n]), pin=pin)
+    return state, LoadReport(path, tuple(wanted), skipped, missing), params

@@ -9,6 +9,28 @@ from torch._utils import _unflatten_dense_tensors
 Pack = tuple[torch.device, torch.Tensor, list[int]]
 """(target device, one flat buffer, the indices of the tensors that are views into it)."""
 
+_reading: dict[int, list] = {}
+"""Host storage address -> CUDA events of copies queued out of it that may still read it. A
+CPU write through :func:`copy_all` (the one write path into a snapshot's memory) waits for
+them, however many entries, on however many streams, queued them."""
+
+
+def note_reads(flat: torch.Tensor, device: torch.device) -> None:
+    """Record that a copy out of host ``flat`` was just queued on ``device``'s current stream."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    key = flat.untyped_storage().data_ptr()
+    _reading[key] = [e for e in _reading.get(key, ()) if not e.query()] + [event]
+
+
+def wait_reads(tensors: list[torch.Tensor]) -> None:
+    """Wait for every queued copy that may still read the host storage of ``tensors``."""
+    if not _reading:  # no copy was ever queued out of host memory: nothing to wait for
+        return
+    for key in {t.untyped_storage().data_ptr() for t in tensors if t.device.type == "cpu"}:
+        for event in _reading.pop(key, ()):
+            event.synchronize()
+
 
 def host_copy(tensor: torch.Tensor, *, like: torch.Tensor, pin: bool | None = None) -> torch.Tensor:
     """A CPU copy of ``tensor`` laid out as :func:`host_empty` lays out ``like``."""
@@ -67,7 +89,9 @@ def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     """``dst.copy_(src)`` for every pair, waiting once per CUDA device read instead of once per
     tensor: copies from CUDA to the CPU are queued non-blocking (into pinned memory they
     overlap), then each source device's current stream, which ran them, is waited on before
-    any CPU reader can see a destination."""
+    any CPU reader can see a destination. A CPU destination that a queued copy may still be
+    reading (:func:`note_reads`) is waited for first."""
+    wait_reads(dsts)
     waits = set()
     for dst, src in zip(dsts, srcs, strict=True):
         to_host = src.device.type == "cuda" and dst.device.type == "cpu"
@@ -157,6 +181,8 @@ def stage(values: list[torch.Tensor], packs: list[Pack]) -> list[torch.Tensor]:
     for device, flat, idx in packs:
         if flat.device != device:
             moved = views(move(flat, device), [values[i] for i in idx], strided=True)
+            if device.type == "cuda":
+                note_reads(flat, device)
             for i, v in zip(idx, moved, strict=True):
                 out[i] = v
     return out

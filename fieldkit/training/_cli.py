@@ -28,20 +28,20 @@ BAD_INPUT = (FileNotFoundError, ValueError)
 
 
 def _path(adapter: str) -> str:
-    from ._adapter import weights_path
+    from ._format import PEFT_FILE, weights_path
 
     if os.path.isfile(adapter):
         return adapter
     if not os.path.exists(adapter):
         raise FileNotFoundError(f"{adapter!r}: no such file or directory")
-    return weights_path(adapter, "default", "adapter_model.safetensors", fn=PROG)
+    return weights_path(adapter, "default", PEFT_FILE, fn=PROG)
 
 
 def _read(adapter: str) -> tuple[str, dict]:
     """The file's path and its tensors, keyed as in the file."""
     from safetensors.torch import load_file
 
-    from ._adapter import reading
+    from ._format import reading
 
     path = _path(adapter)
     with reading(PROG, path):
@@ -110,7 +110,7 @@ def diff(a: str, b: str, top: int | None) -> tuple[dict, str]:
 def inspect(adapter: str) -> tuple[dict, str]:
     from safetensors import safe_open
 
-    from ._adapter import reading, saved_config
+    from ._format import reading, saved_config
 
     path = _path(adapter)
     with reading(PROG, path), safe_open(path, framework="pt") as f:

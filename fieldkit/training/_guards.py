@@ -6,7 +6,13 @@
 - :func:`forget_casts`: torch's autocast caches each parameter's low-precision copy per
   parameter *object*, which a swap keeps; the cache is cleared on entry and on exit.
 - :func:`written`: autograd's version counters tell which parameters were written in place
-  while swapped in (an ``optimizer.step()`` inside ``with snap:``).
+  while swapped in (an in-place op inside ``with snap:``).
+- :class:`Held`: every swapped parameter is registered while it is swapped, and one global
+  optimizer step pre-hook refuses a step that would write into one, before it writes (fused
+  optimizers move no version counter). It costs one dict truth test per step while nothing is
+  swapped.
+- :func:`changed`: the opt-in check for writes through ``.data`` (no version counter either):
+  the swapped values compared bit for bit, at the exit, with a copy taken at the entry.
 - :class:`Owner`: one owner of a model's parameters at a time. Swaps of one model nest last in,
   first out within one thread; another thread waits until the first has left them all; an
   out-of-order exit is refused, and the weights come back when the last swap leaves.
@@ -22,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ._checks import first, keys
 
@@ -144,6 +151,108 @@ def written(names: list[str], params: list[torch.Tensor], before: list[int]) -> 
     if now == before:  # one C comparison on the common path
         return []
     return [n for n, v, b in zip(names, now, before, strict=True) if v != b]
+
+
+class Held:
+    """The parameters swapped right now, each with the name and the holder it is swapped by;
+    an optimizer step that would write into one is refused before it writes."""
+
+    _now: dict[int, tuple[weakref.ref, str, Held]] = {}  # id(param) -> (param, name, held)
+    _hooked = False
+
+    def __init__(self, names: list[str], params: list[torch.Tensor]):
+        self._entries = {
+            id(p): (weakref.ref(p), n, self) for n, p in zip(names, params, strict=True)
+        }
+        self._under: dict = {}
+        self.holder: object = None
+        if not Held._hooked:  # installed once, for every optimizer of the process
+            register_optimizer_step_pre_hook(_refuse_swapped_step)
+            Held._hooked = True
+
+    def hold(self, holder: object) -> None:
+        """Register the parameters as swapped in by ``holder`` (until :meth:`release`)."""
+        self.holder = holder
+        now = Held._now
+        # A nested swap of the same parameters: the outer one's entries come back at release.
+        self._under = (
+            {}
+            if now.keys().isdisjoint(self._entries)
+            else {k: now[k] for k in self._entries if k in now}
+        )
+        now.update(self._entries)
+
+    def release(self) -> None:
+        now = Held._now
+        for key in self._entries:
+            now.pop(key, None)
+        now.update(self._under)
+        self._under = {}
+
+
+def _refuse_swapped_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    now = Held._now
+    if not now:  # the common case: nothing swapped anywhere
+        return
+    hits = [
+        now[id(p)]
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if id(p) in now and now[id(p)][0]() is p
+    ]
+    if hits:
+        names = sorted(n for _, n, _ in hits)
+        holders = {id(h.holder): h.holder for _, _, h in hits}.values()
+        raise RuntimeError(
+            f"{type(optimizer).__name__}.step(): parameter(s) {keys(names, 4)} are swapped in "
+            f"by {', '.join(map(str, holders))}, so the step would write into the reference "
+            "(pointer mode) or be thrown away at the exit (copy mode). Nothing was written, "
+            "and the optimizer's state did not move. Step the optimizer after the swap leaves "
+            "(outside `with snap:`, or after restore)."
+        )
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as integers of its width, so that NaNs and -0.0 compare exactly."""
+    if t.is_floating_point() and t.element_size() in _INTS:
+        return t.view(_INTS[t.element_size()])
+    return t
+
+
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def changed(names: list[str], values: list[torch.Tensor], copies: list[torch.Tensor]) -> list[str]:
+    """The names whose ``values`` differ, bit for bit, from ``copies`` (on the CPU)."""
+    return [
+        n
+        for n, v, c in zip(names, values, copies, strict=True)
+        if not torch.equal(_bits(v.cpu()), _bits(c))
+    ]
+
+
+def write_error(written: list[str], unseen: list[str], spoiled: bool) -> RuntimeError:
+    """The error for writes into the reference weights inside ``with snap:``: ``written`` in
+    place (version counters), or ``unseen`` changes (``check_writes``)."""
+    how = (
+        "were written in place inside `with snap:` (an in-place op on the reference weights): "
+        f"parameter(s) {keys(written)}"
+        if written
+        else "changed inside `with snap:` without autograd seeing it (a write through .data, "
+        f"or a kernel that bypasses autograd; caught by check_writes=True): parameter(s) "
+        f"{keys(unseen)}"
+    )
+    return RuntimeError(
+        f"LoraReferenceSnapshot: the reference weights {how}. The live weights are back, bit "
+        "for bit, and that write is gone. "
+        + (
+            "It went into the snapshot itself, which refuses every use until re-taken "
+            "(snap.refresh(model)). "
+            if spoiled
+            else "The snapshot is intact. "
+        )
+        + "Write into the parameters outside `with snap:`."
+    )
 
 
 class Owner:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Mapping
 
@@ -13,44 +12,30 @@ import torch
 from torch import nn
 
 from . import _sharding as sharding
-from ._adapter import LoadReport, file_keys, reading
-from ._buffers import host_copy
 from ._checks import keys
-
-PLAIN_FILE = "reference.safetensors"
-"""What :meth:`LoraReferenceSnapshot.save_pretrained` writes for a model that is not a peft
-model: the tensors keyed by live parameter name."""
+from ._format import PEFT_FILE, PLAIN_FILE, file_keys, is_peft
 
 
-def is_peft(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``peft.PeftModel`` (without importing peft when nothing has)."""
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
-
-
-def read_plain(model: nn.Module, path: str, strict: bool, pin: bool | None):
-    """A :data:`PLAIN_FILE` read back, checked as a peft file is."""
-    from safetensors import safe_open
-
-    fn = "load_adapter_dict"
-    params = sharding.named_parameters(model)
-    with reading(fn, path), safe_open(path, framework="pt", device="cpu") as f:
-        names = sorted(f.keys())
-        wanted = [n for n in names if n in params and params[n].requires_grad]
-        skipped = tuple(n for n in names if n not in wanted)
-        missing = tuple(sorted(n for n, p in params.items() if p.requires_grad and n not in wanted))
-        if not wanted or (strict and (skipped or missing)):
-            raise ValueError(
-                f"{fn}{'(strict=True)' if strict else ''}: {path!r} does not match the model's "
-                f"trainable parameters. Skipped file key(s): {keys(skipped) or 'none'}. "
-                f"Missing trainable parameter(s): {keys(missing) or 'none'}."
-            )
-        state = {}
-        for n in wanted:
-            index = sharding.shard_index(params[n])
-            value = f.get_tensor(n) if index is None else f.get_slice(n)[index]
-            state[n] = host_copy(value, like=sharding.local(params[n]), pin=pin)
-    return state, LoadReport(path, tuple(wanted), skipped, missing), params
+def save(
+    model: nn.Module,
+    names: list[str],
+    params: list[torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    directory: str | os.PathLike,
+) -> str:
+    """Write ``state`` (values of ``params`` of ``model``, by ``names``) as one whole adapter
+    (:func:`adapter_files`, :func:`write_atomically`); returns the directory's absolute path.
+    Sharded (FSDP2) values are this rank's shards: every rank gathers the whole tensors (a
+    collective), rank 0 writes, and every rank waits for it."""
+    if not any(map(sharding.is_sharded, params)):
+        return write_atomically(directory, *adapter_files(model, state))
+    by_name = dict(zip(names, params, strict=True))
+    whole = {n: sharding.gather(by_name[n], v) for n, v in state.items()}
+    path = os.path.abspath(os.fspath(directory))
+    if torch.distributed.get_rank() == 0:
+        write_atomically(path, *adapter_files(model, whole))
+    torch.distributed.barrier()
+    return path
 
 
 def adapter_files(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[dict, dict | None]:
@@ -87,7 +72,7 @@ def write_atomically(directory: str | os.PathLike, tensors: dict, config) -> str
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
     try:
-        name = PLAIN_FILE if config is None else "adapter_model.safetensors"
+        name = PLAIN_FILE if config is None else PEFT_FILE
         save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
         if config is not None:
             config.save_pretrained(tmp)

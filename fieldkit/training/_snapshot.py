@@ -13,7 +13,8 @@ from ._adapter import LoadReport, read_adapter
 from ._binding import Binding
 from ._buffers import pack, stage
 from ._checks import StateDict, check_alpha, keys, trainable
-from ._saving import adapter_files, write_atomically
+from ._guards import changed, write_error
+from ._saving import save
 from ._state import soft_update_
 from ._swap import Mode, bind, check_mode, plan
 
@@ -42,11 +43,25 @@ class LoraReferenceSnapshot:
             parameters' storage (CUDA graphs, ``torch.compile(mode="reduce-overhead")``).
             Sharded (FSDP2) parameters are copied into the local shard in either mode; the
             snapshot then holds this rank's shard.
+        check_writes: at each exit, compare the swapped values bit for bit with a copy taken
+            at the entry (one more host copy of the adapter and one compare per swap: a
+            debugging aid, off by default). It catches what the other guards cannot see.
+
+    What the guards catch inside ``with snap:``: an in-place write through autograd (the
+    parameters' version counters) raises at the exit, after the live weights are back; an
+    ``optimizer.step()`` on a swapped parameter, of any ``torch.optim`` optimizer (fused ones
+    included), is refused before it writes. A write through ``.data`` (``p.data.add_(...)``)
+    moves no version counter and is caught only with ``check_writes=True``. Unchecked, it goes
+    into the snapshot itself in pointer mode where the snapshot lives on the parameter's
+    device (a CPU model): the reference silently changes from then on. In pointer mode on
+    another device it goes into the staged copy, and in copy mode into the parameter's own
+    storage; either way the exit throws it away.
 
     On CUDA, the snapshot is copied to the device on the stream that is current at ``with
     snap:``, and that copy is freed at the exit: run the reference forward on that stream (the
     default, unless you switch streams inside the block). Write into :attr:`state` only through
-    :meth:`update_` / :meth:`refresh`, which wait for copies still reading it.
+    :meth:`update_`, :meth:`refresh` or :func:`soft_update_`, which wait for copies
+    still reading it (a plain ``snap.state[k].copy_(...)`` does not).
 
     Raises:
         ValueError: unknown names, shape or dtype mismatches in ``snapshot``, or parameters fieldkit
@@ -74,6 +89,7 @@ class LoraReferenceSnapshot:
         *,
         snapshot: Mapping[str, torch.Tensor] | None = None,
         mode: Mode = "pointer",
+        check_writes: bool = False,
     ):
         if snapshot is None:
             snapshot = dict(trainable("LoraReferenceSnapshot", model))
@@ -85,13 +101,14 @@ class LoraReferenceSnapshot:
                     "take the snapshot outside it; PeftModel.from_pretrained loads frozen "
                     "unless is_trainable=True."
                 )
-        self._setup(model, snapshot, mode, report=None, source="online")
+        self._setup(model, snapshot, mode, check_writes, report=None, source="online")
 
     def _setup(
         self,
         model: nn.Module,
         state: Mapping[str, torch.Tensor],
         mode: Mode,
+        check_writes: bool,
         report: LoadReport | None,
         source: str,
         params: dict[str, nn.Parameter] | None = None,
@@ -99,12 +116,14 @@ class LoraReferenceSnapshot:
         check_mode("LoraReferenceSnapshot", mode)
         self._model = model
         self.mode = mode
+        self.check_writes = bool(check_writes)
         self.report = report
         self._source = source
         self._displaced: list[torch.Tensor] | None = None
+        self._exit: tuple | None = None  # what the pending exit needs; None once it has run
+        self._entered = False
         self._binding: Binding | None = None
         self._spoiled: list[str] = []  # written through while swapped in: refused until re-taken
-        self._copies_out: list = []  # CUDA events: copies out of the pinned snapshot
         self._take(state, params)
 
     def _take(
@@ -145,18 +164,20 @@ class LoraReferenceSnapshot:
         weights_filename: str = "adapter_model.safetensors",
         strict: bool = False,
         mode: Mode = "pointer",
+        check_writes: bool = False,
     ) -> LoraReferenceSnapshot:
         """Use an adapter saved by peft's ``save_pretrained`` as the reference.
 
         Reads the file with :func:`load_adapter_dict` (same arguments and errors); the load
         report is kept in ``.report``. File keys without a trainable live parameter are skipped
-        and reported, unless ``strict=True``. ``mode`` as in the constructor.
+        and reported, unless ``strict=True``. ``mode`` and ``check_writes`` as in the
+        constructor.
         """
         options = dict(adapter_name=adapter_name, weights_filename=weights_filename, strict=strict)
         # Not pinned here: the snapshot packs (and pins) them once.
         state, report, params = read_adapter(model, adapter_dir, pin=False, **options)
         snap = cls.__new__(cls)
-        snap._setup(model, state, mode, report, source=report.path, params=params)
+        snap._setup(model, state, mode, check_writes, report, report.path, params)
         return snap
 
     @property
@@ -192,17 +213,7 @@ class LoraReferenceSnapshot:
         if self.active:
             raise RuntimeError(f"{fn}: the snapshot is entered; save it outside `with snap:`")
         self._check_intact(fn)
-        if not any(self._binding.sharded):
-            return write_atomically(directory, *adapter_files(self._model, self._state))
-        # FSDP2: every rank gathers the whole tensors (a collective), rank 0 writes one whole
-        # adapter, and every rank waits for it; from_disk then reads each rank's shard back.
-        params = dict(zip(self._swap.names, self._swap.params, strict=True))
-        whole = {n: sharding.gather(params[n], v) for n, v in self._state.items()}
-        path = os.path.abspath(os.fspath(directory))
-        if torch.distributed.get_rank() == 0:
-            write_atomically(path, *adapter_files(self._model, whole))
-        torch.distributed.barrier()
-        return path
+        return save(self._model, self._swap.names, self._swap.params, self._state, directory)
 
     def __reduce__(self):
         raise TypeError(
@@ -230,8 +241,6 @@ class LoraReferenceSnapshot:
         if alpha != 1.0:
             self._check_intact(fn)
         bound = bind(fn, model, self._state, "snapshot")
-        for event in self._copies_out:  # a copy to the device may still be reading the snapshot
-            event.synchronize()
         soft_update_(self._state, {name: sharding.local(p) for name, p, _ in bound}, alpha)
         self._spoiled = []
 
@@ -239,16 +248,6 @@ class LoraReferenceSnapshot:
         """Re-take the snapshot from ``model``'s current weights, in place (a hard reference
         sync, TRL's ``ref_model_sync_steps`` with ``alpha=1``); checks as :meth:`update_`."""
         self.update_(model, 1.0)
-
-    def _note_copies_out(self) -> None:
-        """Record when the copies just queued out of the pinned snapshot finish, so that no
-        CPU write into it (:meth:`update_`) races them."""
-        self._copies_out = []
-        for device, flat, _ in self._packs:
-            if flat.device != device and device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(device))
-                self._copies_out.append(event)
 
     def _check_intact(self, fn: str) -> None:
         if self._spoiled:
@@ -281,23 +280,39 @@ class LoraReferenceSnapshot:
                 self._take(self._state)
             if self._stash is None:
                 self._stash = self._swap.stash()
+            copies = [v.clone() for v in self._values] if self.check_writes else None
             staged = stage(self._values, self._packs)
-            self._note_copies_out()
             torch.set_grad_enabled(False)
-            self._displaced = self._swap.put(staged, self._stash)
+            self._displaced = self._swap.put(staged, self._stash, holder=self)
         except BaseException:
             owner.leave(token, lambda: torch.set_grad_enabled(grad))
             raise
-        self._exit = (token, grad, self._swap.versions, staged)
+        # Not the staged device copy: the parameters hold it until the exit, and no longer.
+        self._exit = (token, grad, self._swap.versions, copies)
+        self._entered = True
         return self
 
     def __exit__(self, *exc_info) -> None:
-        token, grad, since, staged = self._exit
+        if self._exit is None:  # every exit after the first does nothing
+            if not self._entered:
+                raise RuntimeError(
+                    "LoraReferenceSnapshot.__exit__: this snapshot was never entered; use it "
+                    "as `with snap:`. Nothing was changed."
+                )
+            return
+        (token, grad, since, copies), self._exit = self._exit, None
         written: list[str] = []
+        unseen: list[str] = []  # changed without autograd seeing it (check_writes)
+        spoiled: list[str] = []
 
         def undo() -> None:
             try:
                 sharding.reshard(self._binding.fsdp)
+                if copies is not None:
+                    names = self._swap.names
+                    live = [sharding.local(p) for p in self._swap.params]
+                    spoiled.extend(changed(names, self._values, copies))
+                    unseen.extend(sorted(set(changed(names, live, copies)) | set(spoiled)))
             finally:  # the live weights come back whatever failed before
                 try:
                     written.extend(self._swap.take_back(self._displaced, since))
@@ -312,24 +327,14 @@ class LoraReferenceSnapshot:
                 "yet. The model's live weights come back when that one leaves; leave `with` "
                 "blocks in the reverse order of entering them."
             )
-        if written:
-            # Pointer mode on the snapshot's own device: the parameters were its tensors.
-            names, held = self._swap.names, self._values
-            own = {n for n, s, v in zip(names, staged, held, strict=True) if s is v}
-            self._spoiled = [n for n in written if self.mode == "pointer" and n in own]
-            raise RuntimeError(
-                f"LoraReferenceSnapshot: parameter(s) {keys(written)} were written in place "
-                "inside `with snap:` (an optimizer.step(), or another in-place op, on the "
-                "reference weights). The live weights are back, bit for bit, and that write is "
-                "gone. "
-                + (
-                    "It went into the snapshot itself, which refuses every use until re-taken "
-                    "(snap.refresh(model)). "
-                    if self._spoiled
-                    else "The snapshot is intact. "
-                )
-                + "Step the optimizer outside `with snap:`."
-            )
+        if written or unseen:
+            # Pointer mode where the snapshot lives on the parameter's device: the parameters
+            # were the snapshot's own tensors, so an in-place write went into it.
+            if self.mode == "pointer":
+                own = {i for device, flat, idx in self._packs if flat.device == device for i in idx}
+                spoiled += [self._swap.names[i] for i in own if self._swap.names[i] in written]
+            self._spoiled = sorted(set(spoiled))
+            raise write_error(written, unseen, bool(self._spoiled))
 
     def __len__(self) -> int:
         return len(self._state)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ._buffers import copy_all, host_empty
+from ._buffers import copy_all, host_empty, packed
 from ._checks import StateDict, check_alpha, check_shapes, keys, trainable
 
 
@@ -80,10 +80,13 @@ def soft_update_(
     refs, news = list(reference.values()), [policy[name] for name in reference]
     with torch.no_grad():
         if alpha < 1.0:  # the policy on the reference's devices first, one wait for all
-            held = [
-                host_empty(new) if ref.is_cpu else torch.empty_like(new, device=ref.device)
-                for ref, new in zip(refs, news, strict=True)
-            ]
+            if all(ref.is_cpu for ref in refs):  # one (pinned, for CUDA) block per group
+                held = packed(news, on_host=True)[0]
+            else:
+                held = [
+                    torch.empty_like(new, device=ref.device)
+                    for ref, new in zip(refs, news, strict=True)
+                ]
             copy_all(held, news)
             news = [_lerp(ref, new, alpha) for ref, new in zip(refs, held, strict=True)]
         copy_all(refs, news)

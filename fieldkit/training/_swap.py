@@ -17,7 +17,7 @@ from torch import nn
 from . import _sharding as sharding
 from ._buffers import packed, to_devices
 from ._checks import check_usable, first, keys, shape
-from ._guards import Owner, Readers, forget_casts, versions, written
+from ._guards import Held, Owner, Readers, forget_casts, versions, written
 
 Mode = Literal["pointer", "copy"]
 MODES: tuple[Mode, ...] = ("pointer", "copy")
@@ -100,6 +100,7 @@ class Swap:
         self.copied = [i for i, p in enumerate(params) if mode == "copy" or sharding.is_sharded(p)]
         self.shards = [i for i in self.copied if sharding.is_sharded(params[i])]
         self.model, self.owner = model, Owner.of(model)
+        self.held = Held(names, params)
         self._readers: Readers | None = None  # made on the first put: restore never needs it
         self.versions: list[int] = []
 
@@ -118,10 +119,14 @@ class Swap:
         return packed([sharding.local(self.params[i]) for i in self.copied], on_host=False)[0]
 
     def put(
-        self, values: list[torch.Tensor], stash: list[torch.Tensor] | None = None
+        self,
+        values: list[torch.Tensor],
+        stash: list[torch.Tensor] | None = None,
+        holder: object = "swap_in",
     ) -> list[torch.Tensor]:
         """Put ``values`` (already on the parameters' devices) into the parameters; all or
-        nothing. ``stash``: where the copied parameters' live values go (see :meth:`stash`).
+        nothing. ``stash``: where the copied parameters' live values go (see :meth:`stash`);
+        ``holder``: who an optimizer step on them is told holds them.
 
         Raises:
             ValueError: a peft layer that reads a parameter would not read the swapped value
@@ -165,6 +170,7 @@ class Swap:
             raise
         forget_casts()
         self.versions = versions(params)
+        self.held.hold(holder)
         return displaced
 
     def take_back(self, displaced: list[torch.Tensor], since: list[int] | None = None) -> list[str]:
@@ -174,18 +180,21 @@ class Swap:
         :attr:`versions` right after :meth:`put`); their live values are back all the same."""
         params, copied = self.params, self.copied
         changed = [] if since is None else written(self.names, params, since)
-        if copied:
-            shards = self._shards()
-            sharding.before_shard_writes(shards)
-            torch._foreach_copy_(
-                [sharding.local(params[i]) for i in copied], [displaced[i] for i in copied]
-            )
-            sharding.after_shard_writes(shards)
-        skip = set(copied)
-        for i, (param, old) in enumerate(zip(params, displaced, strict=True)):
-            if i not in skip:
-                param.data = old
-        forget_casts()
+        try:
+            if copied:
+                shards = self._shards()
+                sharding.before_shard_writes(shards)
+                torch._foreach_copy_(
+                    [sharding.local(params[i]) for i in copied], [displaced[i] for i in copied]
+                )
+                sharding.after_shard_writes(shards)
+            skip = set(copied)
+            for i, (param, old) in enumerate(zip(params, displaced, strict=True)):
+                if i not in skip:
+                    param.data = old
+            forget_casts()
+        finally:
+            self.held.release()
         return changed
 
 

@@ -17,7 +17,9 @@ try:
 except ModuleNotFoundError as e:  # exercised in a subprocess by the import tests
     raise missing("fieldkit.training.hf", e.name or "torch") from None
 
+from ._adapter import read_adapter
 from ._checks import check_alpha
+from ._format import PEFT_FILE
 from ._snapshot import LoraReferenceSnapshot
 from ._state import soft_update_
 from ._tracker import WeightDeltaTracker
@@ -182,8 +184,17 @@ class ReferenceSyncCallback(TrainerCallback):
         self._resumed = True
         path = _resumed_from(args, state, "reference", "ReferenceSyncCallback")
         if path is not None:
-            saved = LoraReferenceSnapshot.from_disk(self.snapshot._model, path, strict=True)
-            soft_update_(self.snapshot.state, saved.state, 1.0)  # in place, bit for bit
+            # Read unpinned (no second pinned adapter) and written in place, bit for bit, through
+            # the write path that waits for copies still reading the snapshot.
+            saved, _, _ = read_adapter(
+                self.snapshot._model,
+                path,
+                adapter_name="default",
+                weights_filename=PEFT_FILE,
+                strict=True,
+                pin=False,
+            )
+            soft_update_(self.snapshot.state, saved, 1.0)
 
 
 def _fieldkit_dir(args, state, *, make: bool = False) -> Path:
