@@ -189,6 +189,12 @@ def swap_methods(model, ref: dict[str, torch.Tensor], r: int) -> dict[str, tuple
             snap.__enter__,
             lambda snap=snap: snap.__exit__(None, None, None),
         )
+    # The opt-in debugging check (a copy at entry, a bit-for-bit compare at exit).
+    snap = LoraReferenceSnapshot(model, snapshot=ref, check_writes=True)
+    methods["fieldkit snapshot, mode='pointer', check_writes=True"] = (
+        snap.__enter__,
+        lambda: snap.__exit__(None, None, None),
+    )
 
     held: dict = {}
     methods["fieldkit swap_in + restore (functions)"] = (

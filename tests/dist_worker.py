@@ -132,6 +132,13 @@ def fsdp2(out: Path) -> dict:
         assert all(torch.equal(a, b) for a, b in zip(plain, between, strict=True))
         _assert_unchanged(model, before)
         figures[mode] = float((got - live).abs().max())
+        # An all-gather issued before the swap (unshard(async_op=True), or a prefetch that
+        # never ran) must not hand the reference forward the policy's weights.
+        for module in sharding.fsdp_modules(model):
+            module.unshard(async_op=True)
+        with disk:
+            torch.testing.assert_close(logits(model), got, rtol=0, atol=0)
+        torch.testing.assert_close(logits(model), live, rtol=0, atol=0)
 
     # A soft reference update mixes each rank's shards.
     online = LoraReferenceSnapshot(model)

@@ -30,7 +30,8 @@ def test_quick_benchmark_checks_and_reports_every_method(tmp_path, capsys):
     for case in result["cases"]:
         assert case["floor_ms"] > 0 and case["forward_ms"] > 0
         swaps = {row["method"]: row for row in case["swap"]}
-        assert len(swaps) == 10 and "fieldkit snapshot, mode='copy'" in swaps
+        assert len(swaps) == 11 and "fieldkit snapshot, mode='copy'" in swaps
+        assert "fieldkit snapshot, mode='pointer', check_writes=True" in swaps
         for row in case["swap"] + case["delta"]:
             if "skipped" in row:
                 assert row["skipped"].startswith("skipped: "), row

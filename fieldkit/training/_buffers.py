@@ -48,27 +48,44 @@ def host_empty(like: torch.Tensor, *, pin: bool | None = None) -> torch.Tensor:
         return torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, pin_memory=pin)
 
 
-def span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The 1-D view that covers ``tensors`` when they lie back to back, in order, in one
-    storage (as packed by :func:`pack`); otherwise None."""
+def span(tensors: list[torch.Tensor], *, align: bool = False) -> torch.Tensor | None:
+    """The 1-D view that covers ``tensors`` when they lie in order in one storage exactly as
+    :func:`packed` lays them out (back to back, or with ``align`` at :data:`ALIGN`-byte
+    offsets); otherwise None."""
     if not tensors:
         return None
     head = tensors[0]
-    storage, offset = head.untyped_storage().data_ptr(), head.storage_offset()
-    for t in tensors:
+    storage, start = head.untyped_storage().data_ptr(), head.storage_offset()
+    at = offsets(tensors, align)
+    for t, offset in zip(tensors, at, strict=False):
         if (
             t.dtype != head.dtype
             or t.device != head.device
             or not t.is_contiguous()
-            or t.storage_offset() != offset
+            or t.storage_offset() != start + offset
             or t.untyped_storage().data_ptr() != storage
         ):
             return None
-        offset += t.numel()
     flat = head.new_empty(0)
-    return flat.set_(
-        head.untyped_storage(), head.storage_offset(), (offset - head.storage_offset(),)
-    )
+    return flat.set_(head.untyped_storage(), start, (at[-1],))
+
+
+ALIGN = 256
+"""Bytes: with ``align``, each packed view starts this far apart from its buffer's start at
+least, as a tensor of its own would. cuBLASLt picks its algorithms by pointer alignment and
+Inductor copies misaligned inputs, so a view at an odd offset could round a matmul otherwise."""
+
+
+def offsets(like: list[torch.Tensor], align: bool) -> list[int]:
+    """Where each of ``like`` starts in a flat buffer, in elements, and (last) its length."""
+    out, at = [], 0
+    for t in like:
+        if align:
+            step = max(1, ALIGN // t.element_size())
+            at = -(-at // step) * step
+        out.append(at)
+        at += t.numel()
+    return out + [at]
 
 
 def groups(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -102,6 +119,25 @@ def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+def join_default(devices: list[torch.device]) -> None:
+    """Make each CUDA device's current stream, where a swap is queued, wait for its default
+    stream, where the optimizer steps and the policy's forward run (a no-op on the default
+    stream itself)."""
+    for device in devices:
+        current = torch.cuda.current_stream(device)
+        if current != torch.cuda.default_stream(device):
+            current.wait_stream(torch.cuda.default_stream(device))
+
+
+def rejoin_default(devices: list[torch.device]) -> None:
+    """Make each CUDA device's default stream wait for its current stream (the restore queued
+    there): later work on the default stream sees the live weights back."""
+    for device in devices:
+        current = torch.cuda.current_stream(device)
+        if current != torch.cuda.default_stream(device):
+            torch.cuda.default_stream(device).wait_stream(current)
+
+
 def read(tensors: list[torch.Tensor]) -> list[list]:
     """Each tensor's values as a flat Python list, in one device-to-host read per (device,
     dtype) for all of them: one sync, not one per tensor."""
@@ -127,12 +163,24 @@ def dense(t: torch.Tensor) -> bool:
 
 
 def views(
-    flat: torch.Tensor, like: list[torch.Tensor], *, strided: bool = False
+    flat: torch.Tensor, like: list[torch.Tensor], *, strided: bool = False, align: bool = False
 ) -> list[torch.Tensor]:
-    """Views of ``flat`` shaped like ``like``, back to back (one C++ call); with ``strided``,
-    each dense tensor of ``like`` is matched in its strides too (a transposed view stays
-    transposed), since a matmul rounds differently on another layout."""
-    out = list(_unflatten_dense_tensors(flat, like))
+    """Views of ``flat`` shaped like ``like``, laid out as :func:`offsets` says (one C++ call);
+    with ``strided``, each dense tensor of ``like`` is matched in its strides too (a transposed
+    view stays transposed), since a matmul rounds differently on another layout."""
+    at = offsets(like, align)
+    if at[-1] == sum(t.numel() for t in like):  # back to back
+        out = list(_unflatten_dense_tensors(flat, like))
+    else:  # padding between them, as shapeless placeholders
+        shapes, real, end = [], [], 0
+        for t, o in zip(like, at, strict=False):
+            if o > end:
+                shapes.append(torch.empty(o - end, device="meta"))
+            real.append(len(shapes))
+            shapes.append(t)
+            end = o + t.numel()
+        every = _unflatten_dense_tensors(flat, shapes)
+        out = [every[i] for i in real]
     if strided:
         for i, t in enumerate(like):
             if not t.is_contiguous() and dense(t):
@@ -141,46 +189,46 @@ def views(
 
 
 def packed(
-    likes: list[torch.Tensor], *, on_host: bool, strided: bool = False
+    likes: list[torch.Tensor], *, on_host: bool, strided: bool = False, align: bool = False
 ) -> tuple[list[torch.Tensor], list[Pack]]:
     """Uninitialised tensors shaped like ``likes`` (and strided like them, with ``strided``):
-    views into one buffer per (device, dtype) of ``likes``, on that device, or on the CPU
-    when ``on_host`` (pinned for CUDA, so that each buffer moves to its device in one
-    non-blocking copy)."""
+    views into one buffer per (device, dtype) of ``likes`` (at :data:`ALIGN`-byte offsets, with
+    ``align``), on that device, or on the CPU when ``on_host`` (pinned for CUDA, so that each
+    buffer moves to its device in one non-blocking copy)."""
     out: list[torch.Tensor] = [None] * len(likes)  # type: ignore[list-item]
     packs: list[Pack] = []
     # Kept and written later: never inference tensors, even when made in inference mode.
     with torch.inference_mode(False):
         for (device, dtype), idx in groups(likes).items():
+            like = [likes[i] for i in idx]
             flat = torch.empty(
-                sum(likes[i].numel() for i in idx),
+                offsets(like, align)[-1],
                 dtype=dtype,
                 device="cpu" if on_host else device,
                 pin_memory=on_host and device.type == "cuda",
             )
-            like = [likes[i] for i in idx]
-            for i, view in zip(idx, views(flat, like, strided=strided), strict=True):
+            for i, view in zip(idx, views(flat, like, strided=strided, align=align), strict=True):
                 out[i] = view
             packs.append((device, flat, idx))
     return out, packs
 
 
 def pack(
-    values: list[torch.Tensor], likes: list[torch.Tensor], *, strided: bool = False
+    values: list[torch.Tensor], likes: list[torch.Tensor], *, strided: bool = False, align=False
 ) -> tuple[list[torch.Tensor], list[Pack]]:
     """CPU copies of ``values``, packed as :func:`packed` lays out ``likes``."""
-    out, packs = packed(likes, on_host=True, strided=strided)
+    out, packs = packed(likes, on_host=True, strided=strided, align=align)
     copy_all(out, values)
     return out, packs
 
 
 def stage(values: list[torch.Tensor], packs: list[Pack]) -> list[torch.Tensor]:
-    """``values`` with every pack that lives elsewhere moved to its device in one
-    (non-blocking, from pinned memory) copy."""
+    """``values`` with every pack (aligned, as the snapshot's) that lives elsewhere moved to its
+    device in one (non-blocking, from pinned memory) copy."""
     out = list(values)
     for device, flat, idx in packs:
         if flat.device != device:
-            moved = views(move(flat, device), [values[i] for i in idx], strided=True)
+            moved = views(move(flat, device), [values[i] for i in idx], strided=True, align=True)
             if device.type == "cuda":
                 note_reads(flat, device)
             for i, v in zip(idx, moved, strict=True):
@@ -200,7 +248,7 @@ def to_devices(values: list[torch.Tensor], params: list[torch.Tensor]) -> list[t
     packs: list[Pack] = []
     for (device, _), idx in groups([params[i] for i in moving]).items():
         idx = [moving[i] for i in idx]
-        flat = span([out[i] for i in idx])
+        flat = span([out[i] for i in idx], align=True)
         if flat is not None:
             packs.append((device, flat, idx))
             continue

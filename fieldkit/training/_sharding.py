@@ -114,8 +114,13 @@ def fsdp_modules(model: nn.Module, modules: list[nn.Module] | None = None) -> li
 
 def reshard(modules: list[nn.Module]) -> None:
     """Free FSDP2's unsharded parameters and register the sharded ones again (after a forward
-    FSDP2 keeps the root's unsharded until backward); it all-gathers them when next needed."""
+    FSDP2 keeps the root's unsharded until backward); it all-gathers them when next needed.
+    An all-gather still pending (``unshard(async_op=True)``, a prefetch that never ran) is
+    landed and dropped first: ``reshard()`` keeps it, and the next forward would use it."""
     for module in modules:
+        for group in getattr(module._get_fsdp_state(), "_fsdp_param_groups", ()):
+            if getattr(group, "_all_gather_result", None) is not None:
+                group.wait_for_unshard()
         module.reshard()
 
 

@@ -145,7 +145,7 @@ class LoraReferenceSnapshot:
         swap.check_readers()
         binding = Binding(self._model, swap.names)
         self._values, self._packs = pack(
-            values, [sharding.local(p) for p in swap.params], strided=True
+            values, [sharding.local(p) for p in swap.params], strided=True, align=True
         )
         self._state = dict(zip(swap.names, self._values, strict=True))
         self._swap, self._binding = swap, binding

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import _sharding as sharding
-from ._buffers import packed, to_devices
+from ._buffers import join_default, packed, rejoin_default, to_devices
 from ._checks import check_usable, first, keys, shape
 from ._guards import Held, Owner, Readers, forget_casts, versions, written
 
@@ -101,6 +101,9 @@ class Swap:
         self.shards = [i for i in self.copied if sharding.is_sharded(params[i])]
         self.model, self.owner = model, Owner.of(model)
         self.held = Held(names, params)
+        # Swaps queued on a side stream are ordered after the default stream's work (the
+        # optimizer step) at entry, and before its later work (the policy forward) at exit.
+        self.cuda = sorted({sharding.local(p).device for p in params if p.is_cuda}, key=str)
         self._readers: Readers | None = None  # made on the first put: restore never needs it
         self.versions: list[int] = []
 
@@ -134,6 +137,7 @@ class Swap:
         """
         self.check_readers()
         params, copied = self.params, self.copied
+        join_default(self.cuda)
         datas = [sharding.local(p) for p in params]
         displaced = list(datas)
         if copied:
@@ -193,6 +197,7 @@ class Swap:
                 if i not in skip:
                     param.data = old
             forget_casts()
+            rejoin_default(self.cuda)
         finally:
             self.held.release()
         return changed
