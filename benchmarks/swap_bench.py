@@ -86,7 +86,8 @@ def build_base(shape: dict, dtype: torch.dtype, device: str) -> transformers.Lla
         num_key_value_heads=shape["hidden"] // 64,
         max_position_embeddings=128,
     )
-    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # built where it runs: a 7B-shaped base never touches the CPU
+        return transformers.LlamaForCausalLM(cfg).to(dtype=dtype).eval()
 
 
 def lora_config(r: int) -> peft.LoraConfig:
@@ -173,6 +174,30 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
         now += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
         peak = max(peak, now)
     return peak
+
+
+def pinned_bytes() -> int | None:
+    """Bytes torch's pinned host allocator has handed out and not taken back (on a GB10 they
+    are the GPU's memory too); None where this torch does not say."""
+    stats = getattr(torch.cuda, "host_memory_stats", lambda: {})()
+    keys = [k for k in stats if k.startswith("allocated_bytes") and k.endswith("current")]
+    return int(stats[keys[0]]) if keys else None
+
+
+def held_memory(make: Callable[[], object], device: str) -> dict:
+    """What the object ``make()`` returns keeps: device bytes (the caching allocator's) and
+    pinned host bytes, beside each other; None where there is no GPU."""
+    if not device.startswith("cuda"):
+        return {"device_bytes": None, "pinned_bytes": None}
+    torch.cuda.synchronize()
+    device0, pinned0 = torch.cuda.memory_allocated(), pinned_bytes()
+    kept = make()  # noqa: F841 - held while measured
+    torch.cuda.synchronize()
+    pinned = pinned_bytes()
+    return {
+        "device_bytes": torch.cuda.memory_allocated() - device0,
+        "pinned_bytes": None if pinned is None else pinned - pinned0,
+    }
 
 
 # --- the round-trip methods: each gives (enter, exit) ------------------------------------
@@ -419,6 +444,10 @@ def run_case(name, shape, dtype, r, device, rounds, timer, forward_rounds) -> di
             if n != "floor"
         ]
 
+    memory = {
+        "snapshot": held_memory(lambda: LoraReferenceSnapshot(model, snapshot=ref), device),
+        "tracker": held_memory(lambda: WeightDeltaTracker(model), device),
+    }
     return {
         "case": name,
         "shape": shape,
@@ -433,6 +462,7 @@ def run_case(name, shape, dtype, r, device, rounds, timer, forward_rounds) -> di
         "swap": rows(swap_times)
         + [{"method": n, "skipped": m} for n, m in methods.items() if isinstance(m, str)],
         "delta": rows(delta_times, peaks),
+        "memory": memory,
     }
 
 
@@ -477,7 +507,13 @@ def table(case: dict) -> str:
                 f"{row['x_floor']:>7.2f} | {f'{lo:.2f}-{hi:.2f}':>13} | "
                 f"{row['x_forward']:>9.4f} | {peak:>10} |"
             )
-    return head + "\n".join(lines)
+    held = [
+        f"{what} {human(m['device_bytes'])} on the device, "
+        + (f"{human(m['pinned_bytes'])} pinned" if m["pinned_bytes"] is not None else "pinned: ?")
+        for what, m in case.get("memory", {}).items()
+        if m["device_bytes"] is not None
+    ]
+    return head + "\n".join(lines) + (f"\nheld: {'; '.join(held)}" if held else "")
 
 
 def combine(runs: list[list[dict]]) -> list[dict]:

@@ -189,6 +189,37 @@ def fsdp2(out: Path) -> dict:
     return {"delta": got, "report_l2": report.l2, "swap_max_diff": figures, "props": properties}
 
 
+def fsdp2_options(out: Path) -> dict:
+    """FSDP2 with a bf16 MixedPrecisionPolicy (cast at all-gather) and with
+    reshard_after_forward=False (the unsharded weights kept after a forward): the reference
+    forward equals a model sharded the same way with the reference's weights, bit for bit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    options = {
+        "bf16": dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)),
+        "no-reshard": dict(reshard_after_forward=False),
+    }
+    for name, option in options.items():
+        model, reference = peft_model("linear", seed=2, r=R), peft_model("linear", seed=3, r=R)
+        _shard(model, **option)
+        _shard(reference, **option)
+        expected = logits(reference)
+        for mode in ("pointer", "copy"):
+            snap = LoraReferenceSnapshot(model, snapshot=capture_trainable(reference), mode=mode)
+            live = logits(model)
+            before = _fingerprint(model)
+            with snap:
+                assert torch.equal(logits(model), expected), f"{name}, {mode}: not the reference"
+            _assert_unchanged(model, before)
+            assert torch.equal(logits(model), live), f"{name}, {mode}: not the policy after"
+            # A step first: with reshard_after_forward=False, FSDP2's first gradients after a
+            # no-grad forward differ from the next ones, fieldkit or not (torch 2.13, gloo).
+            _step(model)
+            plain, between = _step(model), _step(model, snap)
+            assert all(torch.equal(a, b) for a, b in zip(plain, between, strict=True)), name
+    return {"options": sorted(options)}
+
+
 def _random_shardings(rank: int, cases: int = 6) -> list:
     """Property checks over random ranks r (r=1: one rank holds an empty shard of lora_A) and
     random training steps: round trip bit-identical on every rank, global delta equal to that
@@ -341,7 +372,8 @@ def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("nccl" if scenario in ("nccl", "offload") else "gloo")
     try:
-        result = {"fsdp2": fsdp2, "ddp": ddp, "nccl": nccl, "offload": offload}[scenario](out)
+        scenarios = {"fsdp2": fsdp2, "fsdp2_options": fsdp2_options, "ddp": ddp}
+        result = {**scenarios, "nccl": nccl, "offload": offload}[scenario](out)
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:

@@ -111,6 +111,37 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
         assert torch.equal(bits(param), raw), f"{name}: value changed"
 
 
+# --- CUDA: host waits -----------------------------------------------------------------------
+
+
+def count_syncs(fn) -> int:
+    """How many times ``fn()`` made the host wait for the GPU: the syncs torch's sync debug mode
+    sees (device and stream synchronizations, blocking copies, ``.item()``), plus every
+    ``torch.cuda.Event.synchronize()``, which that mode does not see."""
+    import unittest.mock
+    import warnings
+
+    events = []
+    real = torch.cuda.Event.synchronize
+
+    def counted(event):
+        events.append(event)
+        return real(event)
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            unittest.mock.patch.object(torch.cuda.Event, "synchronize", counted),
+        ):
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught) + len(events)
+
+
 # --- the two ways weight_delta computes on the CPU -----------------------------------------
 
 DELTA_PATHS = [

@@ -70,6 +70,12 @@ def test_fsdp2_swaps_shards_and_reports_global_figures(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_with_bf16_mixed_precision_or_no_reshard_gives_the_reference_bit_for_bit(tmp_path):
+    rank0, rank1 = _run("fsdp2_options", tmp_path)
+    assert rank0 == rank1 == {"options": ["bf16", "no-reshard"]}
+
+
+@pytest.mark.slow
 def test_ddp_works_as_on_one_device_and_fsdp1_is_refused(tmp_path):
     rank0, rank1 = _run("ddp", tmp_path)
     assert rank0["delta"] == rank1["delta"] and rank0["delta"][0] > 0

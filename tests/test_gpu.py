@@ -1,13 +1,13 @@
 """The CUDA paths: one test per way a missing wait or a wrong device would corrupt a figure or
-a reference. Each holds the stream with ``torch.cuda._sleep`` so that a missing wait shows every
-time, not by chance. Skipped, saying why, where there is no GPU (or fewer than two)."""
+a reference. Each holds a stream with ``torch.cuda._sleep`` (a side stream, where the default
+stream's own order would hide the bug) so that a missing wait shows every time, not by chance.
+Skipped, saying why, where there is no GPU (or fewer than two)."""
 
 import math
-import warnings
 
 import pytest
 import torch
-from helpers import logits, peft_model, perturb
+from helpers import count_syncs, logits, peft_model, perturb
 
 from fieldkit.training import (
     LoraReferenceSnapshot,
@@ -46,17 +46,99 @@ def test_swap_in_a_cuda_state_into_a_cpu_model_waits_for_the_copy():
 
 
 def test_update_waits_for_the_copy_out_of_the_pinned_snapshot():
+    """The copy out of the pinned snapshot queues on a side stream held by a sleep; the exit
+    and update_(model, 0.5) run on the default stream, whose syncs do not cover the side one:
+    only the wait for that copy keeps update_'s CPU write from overtaking it."""
     model = peft_model("linear", seed=2).cuda()
     snap = LoraReferenceSnapshot(model)
     assert all(t.is_pinned() for t in snap.state.values())
     reference = {k: v.clone() for k, v in snap.state.items()}
     perturb(model, seed=7)
-    torch.cuda._sleep(SLEEP)  # the copy out of the snapshot queues behind this
-    with snap:
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP)  # the copy out of the snapshot queues behind this
+        snap.__enter__()
         inside = {n: p.detach().clone() for n, p in model.named_parameters() if n in reference}
-    snap.update_(model, 1.0)  # a CPU write into the snapshot: must wait for that copy
+    snap.__exit__(None, None, None)  # on the default stream
+    snap.update_(model, 0.5)  # a CPU write into the snapshot: must wait for that copy
     torch.cuda.synchronize()
     assert all(torch.equal(inside[n].cpu(), reference[n]) for n in reference)
+
+
+def test_copy_mode_on_a_side_stream_is_ordered_with_the_default_stream():
+    """A policy step still queued on the default stream (behind a sleep) when a copy mode swap
+    is entered on a side stream: the stash must save the values after it. The restore queues
+    on the side stream behind another sleep: a forward on the default stream must see it."""
+    model = peft_model("linear", seed=2).cuda()
+    snap = LoraReferenceSnapshot(model, mode="copy")
+    expected_ref = logits(model)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    want = {n: p.detach() + 0.25 for n, p in trainable.items()}  # the step, computed aside
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP)
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(0.25)  # the policy's step, queued on the default stream behind the sleep
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        with snap:
+            inside = logits(model)
+            torch.cuda._sleep(SLEEP)  # the restore's copies queue behind this
+    after = logits(model)  # on the default stream
+    torch.cuda.synchronize()
+    assert torch.equal(inside, expected_ref)
+    assert all(torch.equal(p, want[n]) for n, p in trainable.items()), "the step was lost"
+    assert torch.equal(after, logits(model)), "the forward after the block read the reference"
+
+
+def test_device_memory_is_back_to_its_baseline_after_the_block(mode):
+    """Pointer mode: the staged device copy is freed at the exit. Copy mode: only the stash,
+    one adapter, stays between entries."""
+    model = peft_model("linear", seed=2).cuda()
+    snap = LoraReferenceSnapshot(model, mode=mode)
+    nbytes = sum(t.numel() * t.element_size() for t in snap.state.values())
+    logits(model)  # whatever a first forward keeps, before the baseline
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    for _ in range(3):
+        with snap:
+            logits(model)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - baseline
+        if mode == "pointer":
+            assert held == 0, f"{held} bytes outlived the block"
+        else:
+            assert 0 < held <= nbytes + 1024, f"{held} bytes kept for a {nbytes}-byte stash"
+
+
+def test_copy_mode_under_cuda_graph_replay_gives_the_reference():
+    import peft
+
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    config = peft.LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False)
+    model = peft.get_peft_model(body, config).cuda().eval()
+    x = torch.randn(16, 64, device="cuda")
+    snap = LoraReferenceSnapshot(model, mode="copy")
+    with torch.no_grad():
+        expected_ref = model(x).clone()
+        perturb(model, seed=7)
+        expected_live = model(x).clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up before capture, as torch's docs say
+            model(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+    with snap:
+        torch.cuda._sleep(SLEEP)
+        graph.replay()
+        inside = out.clone()
+    graph.replay()
+    assert torch.equal(inside, expected_ref)
+    assert torch.equal(out, expected_live)
 
 
 def test_a_cuda_model_with_a_pinned_snapshot_gives_the_reference_and_restores(mode):
@@ -70,19 +152,6 @@ def test_a_cuda_model_with_a_pinned_snapshot_gives_the_reference_and_restores(mo
     assert torch.equal(logits(model), expected_live)
 
 
-def _syncs(fn) -> int:
-    """How many times ``fn()`` made the host wait for the GPU (torch's sync debug mode)."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in caught)
-
-
 def test_delta_on_cuda_reads_the_device_once_and_equals_the_cpu_figures():
     model = peft_model("linear", seed=2).cuda()
     start = capture_trainable(model)
@@ -90,7 +159,7 @@ def test_delta_on_cuda_reads_the_device_once_and_equals_the_cpu_figures():
     tracker.delta()  # the plan, made once
     perturb(model, seed=7)
     got = []
-    assert _syncs(lambda: got.append(tracker.delta())) == 1
+    assert count_syncs(lambda: got.append(tracker.delta())) == 1
     live = {n: p.detach().cpu() for n, p in model.named_parameters() if n in start}
     expected = weight_delta(start, live)
     assert math.isclose(got[0][0], expected[0], rel_tol=1e-5) and got[0][1] == expected[1]
@@ -103,22 +172,23 @@ def test_copies_to_the_host_wait_once_per_call_not_once_per_tensor():
     copies land before the call returns."""
     model = peft_model("linear", seed=2).cuda()
     made: dict = {}
-    assert _syncs(lambda: made.update(start=capture_trainable(model))) == 1
-    assert _syncs(lambda: made.update(tracker=WeightDeltaTracker(model))) == 1
-    assert _syncs(lambda: made.update(snap=LoraReferenceSnapshot(model))) == 1
+    assert count_syncs(lambda: made.update(start=capture_trainable(model))) == 1
+    assert count_syncs(lambda: made.update(tracker=WeightDeltaTracker(model))) == 1
+    assert count_syncs(lambda: made.update(snap=LoraReferenceSnapshot(model))) == 1
     start, tracker, snap = made["start"], made["tracker"], made["snap"]
     assert len(start) > 4 and all(t.is_pinned() for t in start.values())
     live = {n: p for n, p in model.named_parameters() if n in start}
     assert all(torch.equal(start[n], p.detach().cpu()) for n, p in live.items())
     perturb(model, seed=7)
-    assert _syncs(tracker.reset) == 1 and tracker.delta() == (0.0, 0.0)
-    assert _syncs(lambda: made.update(report=delta_report(start, live))) == 1
+    assert count_syncs(tracker.reset) == 1 and tracker.delta() == (0.0, 0.0)
+    assert count_syncs(lambda: made.update(report=delta_report(start, live))) == 1
     assert made["report"].max_abs > 0
     with snap:  # queues a copy out of the pinned snapshot, which update_ waits for
         pass
-    # At most one wait for that copy and one for the policy's values.
-    assert _syncs(lambda: snap.update_(model, 0.5)) <= 2
-    assert _syncs(lambda: snap.refresh(model)) <= 1
+    # One wait for the policy's values and one for that copy (an event); then none is left.
+    assert count_syncs(lambda: snap.update_(model, 0.5)) == 2
+    assert count_syncs(lambda: snap.refresh(model)) == 1  # the policy's values only
+    torch.cuda.synchronize()
     assert all(torch.equal(snap.state[n], p.detach().cpu()) for n, p in live.items())
 
 
@@ -141,19 +211,24 @@ def test_from_disk_pins_the_snapshot_once(tmp_path):
     assert _pinned_blocks_handed_out() - before == 1  # one (device, dtype): one block
 
 
-def test_gradients_exact_with_a_reference_forward_between_on_a_busy_stream(mode):
+def test_gradients_exact_with_a_reference_forward_between_on_a_side_stream(mode):
+    """The reference forward and its restore run on a side stream held by a sleep; backward on
+    the default stream must wait for the restore (in copy mode the parameters' own storage
+    holds the reference until then)."""
     model = peft_model("linear", seed=2).cuda()
     snap = LoraReferenceSnapshot(model, mode=mode)
     perturb(model, seed=7)
     tokens = torch.arange(16, device="cuda").reshape(2, 8)
+    side = torch.cuda.Stream()
     grads = []
     for with_ref in (False, True):
         model.zero_grad(set_to_none=True)
         out = model(tokens).logits
         if with_ref:
-            with snap:
-                model(tokens)
-                torch.cuda._sleep(SLEEP)  # the restore queues behind this
+            with torch.cuda.stream(side):
+                with snap:
+                    model(tokens)
+                    torch.cuda._sleep(SLEEP)  # the restore queues behind this
         torch.nn.functional.cross_entropy(
             out.reshape(-1, out.shape[-1]), tokens.reshape(-1)
         ).backward()

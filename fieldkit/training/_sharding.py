@@ -10,7 +10,8 @@ global sums, and what is refused.
   on; a max is taken over them. Replicated dimensions (DDP, HSDP's replica groups) already
   hold the same values.
 - Refused, by name: DeepSpeed ZeRO-3 partitioned parameters, FSDP1 ``FlatParameter``s, DTensors
-  with a ``Partial`` placement.
+  with a ``Partial`` placement, and DTensors on a torch without the public ``DTensor`` and
+  ``FSDPModule`` (before 2.6): single-process use works on any torch the extras allow.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-if torch.distributed.is_available():
+try:  # FSDP2 and DTensor as fieldkit uses them: public since torch 2.6
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.distributed.tensor import DTensor, Replicate, Shard
-else:  # pragma: no cover - torch built without distributed
-    DTensor = Replicate = Shard = ()  # isinstance(x, ()) is False
+except ImportError:  # an older torch, or one built without torch.distributed
+    DTensor = Replicate = Shard = FSDPModule = FullyShardedDataParallel = ()  # isinstance: False
 
 
 def is_sharded(param: torch.Tensor) -> bool:
@@ -39,6 +41,11 @@ def local(param: torch.Tensor) -> torch.Tensor:
 
 def unusable(param: torch.Tensor) -> str | None:
     """Why fieldkit cannot read or swap ``param`` (a sentence fragment), or None."""
+    if DTensor == () and type(param).__name__ == "DTensor":
+        return (
+            f"DTensors (FSDP2), which fieldkit supports on torch >= 2.6; this is torch "
+            f"{torch.__version__}: upgrade torch, or train without sharding"
+        )
     if hasattr(param, "ds_id"):
         return (
             "DeepSpeed ZeRO-3 partitioned parameters; gather them "
@@ -99,10 +106,8 @@ def fsdp_modules(model: nn.Module, modules: list[nn.Module] | None = None) -> li
     """The FSDP2 modules of ``model`` (or of ``modules``, its modules). FSDP1 is refused here:
     with ``use_orig_params=True`` its parameters look plain but are flat-parameter views that
     it rewrites on every forward."""
-    if not torch.distributed.is_available():  # pragma: no cover
+    if FSDPModule == ():  # this torch has no FSDP2; its DTensors are refused by `unusable`
         return []
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
     modules = list(model.modules()) if modules is None else modules
     if any(isinstance(m, FullyShardedDataParallel) for m in modules):
         raise ValueError(
