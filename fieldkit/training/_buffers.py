@@ -181,10 +181,11 @@ def views(
             end = o + t.numel()
         every = _unflatten_dense_tensors(flat, shapes)
         out = [every[i] for i in real]
-    if strided:
-        for i, t in enumerate(like):
-            if not t.is_contiguous() and dense(t):
-                out[i] = out[i].as_strided(t.shape, t.stride())
+    for i, t in enumerate(like):
+        if not t.numel():  # torch < 2.7 views every empty shape as 1-D
+            out[i] = out[i].view(t.shape)
+        elif strided and not t.is_contiguous() and dense(t):
+            out[i] = out[i].as_strided(t.shape, t.stride())
     return out
 
 

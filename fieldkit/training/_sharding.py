@@ -123,7 +123,9 @@ def reshard(modules: list[nn.Module]) -> None:
     An all-gather still pending (``unshard(async_op=True)``, a prefetch that never ran) is
     landed and dropped first: ``reshard()`` keeps it, and the next forward would use it."""
     for module in modules:
-        for group in getattr(module._get_fsdp_state(), "_fsdp_param_groups", ()):
+        state = module._get_fsdp_state()
+        one = getattr(state, "_fsdp_param_group", None)  # older torch: one group per module
+        for group in getattr(state, "_fsdp_param_groups", [one] if one is not None else []):
             if getattr(group, "_all_gather_result", None) is not None:
                 group.wait_for_unshard()
         module.reshard()
