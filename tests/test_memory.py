@@ -66,3 +66,21 @@ def test_the_staged_copy_is_released_at_the_exit(mode, monkeypatch):
         assert staged_refs and all(r() is None for r in staged_refs), (
             "a staged copy outlived the exit"
         )
+
+
+def test_from_disk_reads_the_file_straight_into_the_packed_snapshot(tmp_path, monkeypatch):
+    """No unpinned copy beside the packed one: a GB10 held both at once (its pinned memory is
+    the GPU's). The file's tensors go straight into the snapshot's packed views."""
+    model = _odd_lora()
+    model.save_pretrained(tmp_path)
+    expected = LoraReferenceSnapshot(model).state
+
+    def no_second_copy(*args, **kwargs):
+        raise AssertionError("from_disk packed a second copy of what it read")
+
+    monkeypatch.setattr(snapshot_module, "pack", no_second_copy)
+    snap = LoraReferenceSnapshot.from_disk(model, tmp_path, strict=True)
+    assert len({v.untyped_storage().data_ptr() for v in snap.state.values()}) == 1
+    assert all(v.storage_offset() * v.element_size() % 256 == 0 for v in snap.state.values())
+    assert snap.state.keys() == expected.keys()
+    assert all(torch.equal(snap.state[n], v) for n, v in expected.items())

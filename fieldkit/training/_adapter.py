@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from . import _sharding as sharding
 from . import missing
-from ._buffers import host_copy
+from ._buffers import host_empty
 from ._checks import StateDict, first, keys
 from ._format import PLAIN_FILE, check_config, file_keys, is_peft, plain, reading, weights_path
 
@@ -119,15 +120,17 @@ def read_adapter(
     adapter_name: str,
     weights_filename: str,
     strict: bool,
-    pin: bool | None = None,
+    into: Into | None = None,
 ) -> tuple[StateDict, LoadReport, dict[str, nn.Parameter]]:
     """:func:`load_adapter_dict`, and the model's parameters by name as it walked them, so
-    that a caller binding the state walks the model no second time."""
+    that a caller binding the state walks the model no second time. ``into``: where the values
+    go, given the live tensors in name order (default: one CPU tensor each, pinned for CUDA);
+    each is read straight into its destination, one file tensor at a time."""
     fn = "load_adapter_dict"
     _require("safetensors", fn)
     plain_file = os.path.join(os.fspath(adapter_dir), PLAIN_FILE)
     if not is_peft(model) and os.path.isfile(plain_file):
-        return read_plain(model, plain_file, strict, pin)
+        return read_plain(model, plain_file, strict, into)
     peft = _require("peft", fn)
     if not isinstance(model, peft.PeftModel):
         raise TypeError(
@@ -195,16 +198,10 @@ def read_adapter(
             f"Skipped file key(s): {keys(skipped) or 'none'}. "
             f"Missing trainable parameter(s): {keys(missing) or 'none'}."
         )
-    state: StateDict = {}
     with reading(fn, path):
         with safe_open(path, framework="pt", device="cpu") as f:
             unread = _unread(live_tensors, skipped, by_file_key, live_name, name_of, f.get_tensor)
-            for k, n in wanted.items():
-                like = sharding.local(params[n])
-                index = sharding.shard_index(params[n])
-                # A sharded (FSDP2) parameter reads only this rank's shard from the file.
-                value = f.get_tensor(k) if index is None else f.get_slice(k)[index]
-                state[n] = host_copy(value, like=like, pin=pin)
+            state = _read_into(f, list(wanted.items()), params, into)
     ours = set(live_name.values())
     unread += [f"{n!r} (live, trainable: not in the file)" for n in missing if n in ours]
     if unread:
@@ -214,8 +211,7 @@ def read_adapter(
             UserWarning,
             stacklevel=3,
         )
-    report = LoadReport(path, tuple(sorted(state)), skipped, missing)
-    return dict(sorted(state.items())), report, params
+    return state, LoadReport(path, tuple(state), skipped, missing), params
 
 
 def _unread(live_tensors, skipped, by_file_key, live_name, name_of, read) -> list[str]:
@@ -251,7 +247,7 @@ def _same(saved: torch.Tensor, live: torch.Tensor) -> bool:
     return saved.shape == live.shape and torch.equal(saved.to(live.dtype), live.detach().cpu())
 
 
-def read_plain(model: nn.Module, path: str, strict: bool, pin: bool | None):
+def read_plain(model: nn.Module, path: str, strict: bool, into: Into | None):
     """A :data:`PLAIN_FILE` read back, checked as a peft file is."""
     from safetensors import safe_open
 
@@ -268,9 +264,22 @@ def read_plain(model: nn.Module, path: str, strict: bool, pin: bool | None):
                 f"trainable parameters. Skipped file key(s): {keys(skipped) or 'none'}. "
                 f"Missing trainable parameter(s): {keys(missing) or 'none'}."
             )
-        state = {}
-        for n in wanted:
-            index = sharding.shard_index(params[n])
-            value = f.get_tensor(n) if index is None else f.get_slice(n)[index]
-            state[n] = host_copy(value, like=sharding.local(params[n]), pin=pin)
+        state = _read_into(f, [(n, n) for n in wanted], params, into)
     return state, LoadReport(path, tuple(wanted), skipped, missing), params
+
+
+Into = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+"""Given the live tensors a load fills, in name order: the CPU tensors to read them into."""
+
+
+def _read_into(f, pairs: list[tuple[str, str]], params: dict, into: Into | None) -> StateDict:
+    """``{name: value}`` for each ``(file key, live name)`` of the open safetensors file ``f``,
+    in name order, each read into its destination from ``into``; a sharded (FSDP2) parameter
+    reads only this rank's shard."""
+    pairs = sorted(pairs, key=lambda pair: pair[1])
+    likes = [sharding.local(params[n]) for _, n in pairs]
+    dsts = into(likes) if into is not None else [host_empty(like) for like in likes]
+    for (k, n), dst in zip(pairs, dsts, strict=True):
+        index = sharding.shard_index(params[n])
+        dst.copy_(f.get_tensor(k) if index is None else f.get_slice(k)[index])
+    return {n: dst for (_, n), dst in zip(pairs, dsts, strict=True)}

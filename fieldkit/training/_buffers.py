@@ -32,11 +32,6 @@ def wait_reads(tensors: list[torch.Tensor]) -> None:
             event.synchronize()
 
 
-def host_copy(tensor: torch.Tensor, *, like: torch.Tensor, pin: bool | None = None) -> torch.Tensor:
-    """A CPU copy of ``tensor`` laid out as :func:`host_empty` lays out ``like``."""
-    return host_empty(like, pin=pin).copy_(tensor.detach())
-
-
 def host_empty(like: torch.Tensor, *, pin: bool | None = None) -> torch.Tensor:
     """An uninitialised CPU tensor in ``like``'s shape, dtype and, where ``like`` is dense, its
     strides (a swap keeps the layout); pinned (unless ``pin=False``: a copy that is packed
@@ -221,6 +216,18 @@ def pack(
     out, packs = packed(likes, on_host=True, strided=strided, align=align)
     copy_all(out, values)
     return out, packs
+
+
+def packer(packs: list[Pack]):
+    """A load's ``into``: CPU views packed as a snapshot packs them (aligned, strided, pinned
+    for CUDA), their packs added to ``packs``, so that a file is read straight into them."""
+
+    def into(likes: list[torch.Tensor]) -> list[torch.Tensor]:
+        values, made = packed(likes, on_host=True, strided=True, align=True)
+        packs.extend(made)
+        return values
+
+    return into
 
 
 def stage(values: list[torch.Tensor], packs: list[Pack]) -> list[torch.Tensor]:

@@ -67,6 +67,17 @@ def unusable(param: torch.Tensor) -> str | None:
     return None
 
 
+def check_still(sharded: bool, model: nn.Module) -> None:
+    """Refuse a snapshot taken on the ``sharded`` (or unsharded) model that no longer is."""
+    if sharded != any(is_sharded(p) for p in model.parameters()):
+        raise ValueError(
+            "LoraReferenceSnapshot: the snapshot was taken on the "
+            f"{'sharded' if sharded else 'unsharded'} model, and the model is "
+            f"{'unsharded' if sharded else 'sharded (FSDP2)'} now: take a new snapshot. "
+            "Nothing was changed."
+        )
+
+
 def groups(param: torch.Tensor) -> tuple:
     """The process groups to sum ``param``'s local figures over: one per mesh dimension it is
     sharded on; () when every rank holds all of it."""

@@ -11,7 +11,7 @@ from torch import nn
 from . import _sharding as sharding
 from ._adapter import LoadReport, read_adapter
 from ._binding import Binding
-from ._buffers import pack, stage
+from ._buffers import pack, packer, stage
 from ._checks import StateDict, check_alpha, keys, trainable
 from ._guards import changed, write_error
 from ._saving import save
@@ -112,6 +112,7 @@ class LoraReferenceSnapshot:
         report: LoadReport | None,
         source: str,
         params: dict[str, nn.Parameter] | None = None,
+        packs: list | None = None,
     ) -> None:
         check_mode("LoraReferenceSnapshot", mode)
         self._model = model
@@ -124,29 +125,28 @@ class LoraReferenceSnapshot:
         self._entered = False
         self._binding: Binding | None = None
         self._spoiled: list[str] = []  # written through while swapped in: refused until re-taken
-        self._take(state, params)
+        self._take(state, params, packs)
 
     def _take(
-        self, state: Mapping[str, torch.Tensor], params: dict[str, nn.Parameter] | None = None
+        self,
+        state: Mapping[str, torch.Tensor],
+        params: dict[str, nn.Parameter] | None = None,
+        packs: list | None = None,
     ) -> None:
-        """Check ``state`` against the model in full, then keep it packed on the CPU."""
+        """Check ``state`` against the model in full, then keep it packed on the CPU (as it
+        is, when ``packs`` says it already is)."""
         if self._binding is not None:  # a re-check: sharded and unsharded never mix
-            was = any(self._binding.sharded)
-            if was != any(sharding.is_sharded(p) for p in self._model.parameters()):
-                raise ValueError(
-                    "LoraReferenceSnapshot: the snapshot was taken on the "
-                    f"{'sharded' if was else 'unsharded'} model, and the model is "
-                    f"{'unsharded' if was else 'sharded (FSDP2)'} now: take a new snapshot. "
-                    "Nothing was changed."
-                )
+            sharding.check_still(any(self._binding.sharded), self._model)
         swap, values = plan(
             "LoraReferenceSnapshot", self._model, state, "snapshot", self.mode, params
         )
         swap.check_readers()
         binding = Binding(self._model, swap.names)
-        self._values, self._packs = pack(
-            values, [sharding.local(p) for p in swap.params], strided=True, align=True
-        )
+        if packs is None:
+            likes = [sharding.local(p) for p in swap.params]
+            self._values, self._packs = pack(values, likes, strided=True, align=True)
+        else:
+            self._values, self._packs = values, packs
         self._state = dict(zip(swap.names, self._values, strict=True))
         self._swap, self._binding = swap, binding
         # Copy mode saves the live values here; kept between entries, since fresh host memory
@@ -174,10 +174,10 @@ class LoraReferenceSnapshot:
         constructor.
         """
         options = dict(adapter_name=adapter_name, weights_filename=weights_filename, strict=strict)
-        # Not pinned here: the snapshot packs (and pins) them once.
-        state, report, params = read_adapter(model, adapter_dir, pin=False, **options)
+        packs: list = []  # read straight into the packed (pinned, for CUDA) snapshot: one copy
+        state, report, params = read_adapter(model, adapter_dir, into=packer(packs), **options)
         snap = cls.__new__(cls)
-        snap._setup(model, state, mode, check_writes, report, report.path, params)
+        snap._setup(model, state, mode, check_writes, report, report.path, params, packs)
         return snap
 
     @property

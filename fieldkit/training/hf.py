@@ -18,6 +18,7 @@ except ModuleNotFoundError as e:  # exercised in a subprocess by the import test
     raise missing("fieldkit.training.hf", e.name or "torch") from None
 
 from ._adapter import read_adapter
+from ._buffers import host_empty
 from ._checks import check_alpha
 from ._format import PEFT_FILE
 from ._snapshot import LoraReferenceSnapshot
@@ -192,7 +193,7 @@ class ReferenceSyncCallback(TrainerCallback):
                 adapter_name="default",
                 weights_filename=PEFT_FILE,
                 strict=True,
-                pin=False,
+                into=lambda likes: [host_empty(like, pin=False) for like in likes],
             )
             soft_update_(self.snapshot.state, saved, 1.0)
 
