@@ -298,6 +298,93 @@ def ddp(out: Path) -> dict:
     return {"delta": delta}
 
 
+def _engine(stage: int, seed: int = 2):
+    """A DeepSpeed engine of ``stage`` over a fresh policy, with torch's AdamW."""
+    import deepspeed
+
+    model = peft_model("linear", seed=seed, r=R)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def _engine_step(engine, reference=None) -> None:
+    out = engine(TOKENS).logits
+    if reference is not None:
+        with reference:
+            engine(TOKENS)
+    engine.backward(F.cross_entropy(out.reshape(-1, out.shape[-1]), TOKENS.reshape(-1)))
+    engine.step()
+
+
+def zero2(out: Path) -> dict:
+    """DeepSpeed ZeRO-2: parameters whole on every rank, the optimizer's master copy its own."""
+    rank = dist.get_rank()
+    adapter_dir = out / f"ref-{rank}"
+    peft_model("linear", seed=3, r=R).save_pretrained(adapter_dir)
+    expected_ref = logits(peft_model("linear", seed=3, r=R))
+    engine = _engine(2)
+    model = engine.module
+    expected_online = logits(model)
+    online = LoraReferenceSnapshot(model)  # taken on the engine's model
+    disk = LoraReferenceSnapshot.from_disk(model, adapter_dir, strict=True)
+    tracker = WeightDeltaTracker(model)
+    _engine_step(engine)  # a real step moves the policy
+    live = logits(model)
+    before = _fingerprint(model)
+    with disk:
+        assert torch.equal(logits(model), expected_ref)
+    with online:
+        assert torch.equal(logits(model), expected_online)
+    _assert_unchanged(model, before)
+    assert torch.equal(logits(model), live)
+    # A step with a reference forward between the policy forward and backward, against a plain
+    # step of an identical engine: the parameters after it are the same, bit for bit.
+    twin = _engine(2)
+    _engine_step(twin)
+    _engine_step(engine, disk)
+    _engine_step(twin)
+    for (n, a), (_, b) in zip(
+        model.named_parameters(), twin.module.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), f"{n}: the reference forward changed the step"
+    delta = tracker.delta()
+    assert delta[0] > 0
+    saved = online.save_pretrained(out / "saved-ref")
+    torch.save(expected_online, out / f"saved-ref-logits-{rank}.pt")
+    again = LoraReferenceSnapshot.from_disk(model, saved, strict=True)
+    assert all(torch.equal(bits(again.state[n]), bits(v)) for n, v in online.state.items())
+    return {"delta": delta}
+
+
+def zero3(out: Path) -> dict:
+    """DeepSpeed ZeRO-3 is refused by name, before anything changes (support is not built)."""
+    rank = dist.get_rank()
+    adapter_dir = out / f"ref-{rank}"
+    peft_model("linear", seed=3, r=R).save_pretrained(adapter_dir)
+    engine = _engine(3)
+    refused = []
+    for use in (
+        lambda: LoraReferenceSnapshot(engine.module),
+        lambda: LoraReferenceSnapshot.from_disk(engine.module, adapter_dir),
+        lambda: WeightDeltaTracker(engine.module),
+        lambda: capture_trainable(engine.module),
+    ):
+        try:
+            use()
+            raise AssertionError("a ZeRO-3 partitioned model was accepted")
+        except ValueError as e:
+            assert "DeepSpeed ZeRO-3 partitioned parameters" in str(e), e
+            refused.append(True)
+    _engine_step(engine)  # the engine itself still trains
+    return {"refused": refused}
+
+
 def nccl(out: Path) -> dict:
     """FSDP2 on NCCL (one GPU per rank): the restore's shard copies queue behind a sleep on the
     current stream; backward's first all-gather (FSDP2's own stream) must see them."""
@@ -370,9 +457,15 @@ def offload(out: Path) -> dict:
 
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
-    dist.init_process_group("nccl" if scenario in ("nccl", "offload") else "gloo")
+    if scenario.startswith("zero"):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("nccl" if scenario in ("nccl", "offload") else "gloo")
     try:
         scenarios = {"fsdp2": fsdp2, "fsdp2_options": fsdp2_options, "ddp": ddp}
+        scenarios |= {"zero2": zero2, "zero3": zero3}
         result = {**scenarios, "nccl": nccl, "offload": offload}[scenario](out)
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
         dist.barrier()  # no rank tears gloo down while another still talks to it

@@ -1,5 +1,6 @@
 """Two ranks on CPU (gloo), started as two processes: FSDP2 and DDP keep every promise."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -79,3 +80,26 @@ def test_fsdp2_with_bf16_mixed_precision_or_no_reshard_gives_the_reference_bit_f
 def test_ddp_works_as_on_one_device_and_fsdp1_is_refused(tmp_path):
     rank0, rank1 = _run("ddp", tmp_path)
     assert rank0["delta"] == rank1["delta"] and rank0["delta"][0] > 0
+
+
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')",
+)
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_deepspeed_zero2_gives_the_reference_the_step_and_the_saved_adapter(tmp_path):
+    rank0, rank1 = _run("zero2", tmp_path)
+    assert rank0["delta"] == rank1["delta"] and rank0["delta"][0] > 0
+    loaded = peft.PeftModel.from_pretrained(base_model(0), tmp_path / "saved-ref").eval()
+    for rank in (0, 1):
+        assert torch.equal(logits(loaded), torch.load(tmp_path / f"saved-ref-logits-{rank}.pt"))
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_deepspeed_zero3_is_refused_by_name_before_anything_changes(tmp_path):
+    rank0, rank1 = _run("zero3", tmp_path)
+    assert rank0 == rank1 == {"refused": [True] * 4}

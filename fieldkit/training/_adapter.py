@@ -13,7 +13,7 @@ from torch import nn
 from . import _sharding as sharding
 from . import missing
 from ._buffers import host_empty
-from ._checks import StateDict, first, keys
+from ._checks import StateDict, check_usable, first, keys
 from ._format import PLAIN_FILE, check_config, file_keys, is_peft, plain, reading, weights_path
 
 
@@ -167,6 +167,7 @@ def read_adapter(
     wanted = {
         k: live_name[k] for k in shapes if k in live_name and params[live_name[k]].requires_grad
     }
+    check_usable(fn, [(n, params[n]) for n in wanted.values()])  # before shapes: ZeRO-3's are 0
     mismatched = [
         f"{k!r} (live {n!r}): file {shapes[k]}, live {tuple(params[n].shape)}"
         for k, n in wanted.items()
@@ -264,6 +265,7 @@ def read_plain(model: nn.Module, path: str, strict: bool, into: Into | None):
                 f"trainable parameters. Skipped file key(s): {keys(skipped) or 'none'}. "
                 f"Missing trainable parameter(s): {keys(missing) or 'none'}."
             )
+        check_usable(fn, [(n, params[n]) for n in wanted])
         state = _read_into(f, [(n, n) for n in wanted], params, into)
     return state, LoadReport(path, tuple(wanted), skipped, missing), params
 
