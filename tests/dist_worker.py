@@ -33,7 +33,7 @@ R = 3  # LoRA rank 3: lora_A is (3, 16), split 2 + 1 over two ranks (uneven shar
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p
+    return sharding.local(p)  # FSDP2: the local shard; ZeRO-3: this rank's partition
 
 
 def _fingerprint(model) -> dict:
@@ -82,6 +82,7 @@ def fsdp2(out: Path) -> dict:
     model = peft_model("linear", seed=2, r=R)
     full_state = capture_trainable(model)
     online_unsharded = LoraReferenceSnapshot(model)  # taken before sharding
+    unsharded_logits = logits(model)
     _shard(model)
     shards = {n: _local(p).shape for n, p in model.named_parameters() if p.requires_grad}
     assert {s[0] for s in shards.values()} == {(2, 1)[rank], 8}  # lora_A's 3 rows: 2 + 1
@@ -92,11 +93,13 @@ def fsdp2(out: Path) -> dict:
         raise AssertionError("a full snapshot was accepted for a sharded model")
     except ValueError as e:
         assert "full (unsharded) tensors" in str(e), e
-    try:
-        with online_unsharded:
-            raise AssertionError("an unsharded snapshot was entered on the sharded model")
-    except ValueError as e:
-        assert "taken on the unsharded model" in str(e), e
+    # A snapshot taken before fully_shard (as a Trainer takes it) is cut to this rank's shards
+    # at its first swap.
+    with online_unsharded:
+        torch.testing.assert_close(logits(model), unsharded_logits, rtol=1e-6, atol=1e-6)
+    assert all(
+        t.shape == _local(model.get_parameter(n)).shape for n, t in online_unsharded.state.items()
+    )
 
     figures = {}
     for mode in ("pointer", "copy"):
@@ -298,16 +301,16 @@ def ddp(out: Path) -> dict:
     return {"delta": delta}
 
 
-def _engine(stage: int, seed: int = 2):
-    """A DeepSpeed engine of ``stage`` over a fresh policy, with torch's AdamW."""
+def _engine(stage: int, model=None, **zero):
+    """A DeepSpeed engine of ``stage`` over ``model`` (a fresh policy), with torch's AdamW."""
     import deepspeed
 
-    model = peft_model("linear", seed=seed, r=R)
+    model = peft_model("linear", seed=2, r=R) if model is None else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **zero},
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
@@ -362,27 +365,99 @@ def zero2(out: Path) -> dict:
     return {"delta": delta}
 
 
-def zero3(out: Path) -> dict:
-    """DeepSpeed ZeRO-3 is refused by name, before anything changes (support is not built)."""
+def _whole(model) -> dict:
+    """The full trainable tensors of a ZeRO-3 model, gathered the way DeepSpeed does it."""
+    import deepspeed
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {n: p.detach().clone() for n, p in params.items()}
+
+
+def _zero3(out: Path, **zero) -> dict:
+    """DeepSpeed ZeRO-3, every parameter partitioned or the small ones persistent: snapshots
+    (online, from disk, taken before deepspeed.initialize), the step, the global delta, saving."""
+    import deepspeed
+
     rank = dist.get_rank()
     adapter_dir = out / f"ref-{rank}"
     peft_model("linear", seed=3, r=R).save_pretrained(adapter_dir)
-    engine = _engine(3)
-    refused = []
-    for use in (
-        lambda: LoraReferenceSnapshot(engine.module),
-        lambda: LoraReferenceSnapshot.from_disk(engine.module, adapter_dir),
-        lambda: WeightDeltaTracker(engine.module),
-        lambda: capture_trainable(engine.module),
+    expected_ref = logits(peft_model("linear", seed=3, r=R))
+    model = peft_model("linear", seed=2, r=R)
+    expected_online = logits(model)
+    early = LoraReferenceSnapshot(model)  # before deepspeed.initialize, as a Trainer takes it
+    engine = _engine(3, model, **zero)
+    online = LoraReferenceSnapshot(model)
+    disk = LoraReferenceSnapshot.from_disk(model, adapter_dir, strict=True)
+    full = sum(math.prod(p.ds_shape) for p in model.parameters() if p.requires_grad)
+    assert sum(t.numel() for t in disk.state.values()) < full  # this rank's partitions only
+    tracker = WeightDeltaTracker(model)
+    start = _whole(model)
+    _engine_step(engine)
+    live = logits(model)
+    for snap, expected in (
+        (disk, expected_ref),
+        (online, expected_online),
+        (early, expected_online),
     ):
+        with snap:
+            torch.testing.assert_close(logits(model), expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(logits(model), live), "the policy's weights did not come back"
+    # A step with a reference forward between the policy forward and backward, against a plain
+    # step of an identical engine: the partitions after it are the same, bit for bit.
+    twin = _engine(3, **zero)
+    _engine_step(twin)
+    _engine_step(engine, disk)
+    _engine_step(twin)
+    ours, theirs = capture_trainable(model), capture_trainable(twin.module)
+    assert all(torch.equal(bits(v), bits(theirs[n])) for n, v in ours.items()), "step changed"
+    # The global delta, on every rank, against the gathered full tensors.
+    expected = weight_delta(start, _whole(model))
+    got = tracker.delta()
+    assert math.isclose(got[0], expected[0], rel_tol=1e-6) and got[1] == expected[1], (
+        got,
+        expected,
+    )
+    assert math.isclose(tracker.report().l2, expected[0], rel_tol=1e-6)
+    # A soft update mixes each rank's partitions; saving gathers one whole adapter.
+    ref = {n: v.clone() for n, v in online.state.items()}
+    now = capture_trainable(model)
+    online.update_(model, 0.5)
+    for n, v in online.state.items():
+        want = 0.5 * ref[n].double() + 0.5 * now[n].double()
+        torch.testing.assert_close(v.double(), want, rtol=1e-6, atol=1e-7)
+    online.refresh(model)
+    saved = online.save_pretrained(out / "saved-ref")
+    torch.save(logits(model), out / f"saved-ref-logits-{rank}.pt")
+    again = LoraReferenceSnapshot.from_disk(model, saved, strict=True)
+    assert all(torch.equal(bits(again.state[n]), bits(v)) for n, v in online.state.items())
+    # Inside GatheredParameters the forward reads the gathered values: refused, nothing changed.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = _fingerprint(model)
+    with deepspeed.zero.GatheredParameters(trainable):
         try:
-            use()
-            raise AssertionError("a ZeRO-3 partitioned model was accepted")
+            with disk:
+                raise AssertionError("a swap inside GatheredParameters was accepted")
         except ValueError as e:
-            assert "DeepSpeed ZeRO-3 partitioned parameters" in str(e), e
-            refused.append(True)
-    _engine_step(engine)  # the engine itself still trains
-    return {"refused": refused}
+            assert "GatheredParameters" in str(e), e
+    _assert_unchanged(model, before)
+    # Parameters offloaded to the CPU (offload_param) are refused by name, before anything.
+    offloaded = _engine(3, offload_param={"device": "cpu"}, **zero).module
+    for use in (LoraReferenceSnapshot, WeightDeltaTracker, capture_trainable):
+        try:
+            use(offloaded)
+            raise AssertionError("ZeRO-3 offload_param was accepted")
+        except ValueError as e:
+            assert "offloaded to the CPU (offload_param)" in str(e), e
+    return {"delta": got, "partitioned": sum(not p.ds_persist for p in trainable)}
+
+
+def zero3(out: Path) -> dict:
+    return _zero3(out)
+
+
+def zero3_partitioned(out: Path) -> dict:
+    return _zero3(out, stage3_param_persistence_threshold=0)
 
 
 def nccl(out: Path) -> dict:
@@ -465,7 +540,7 @@ def main() -> None:
         dist.init_process_group("nccl" if scenario in ("nccl", "offload") else "gloo")
     try:
         scenarios = {"fsdp2": fsdp2, "fsdp2_options": fsdp2_options, "ddp": ddp}
-        scenarios |= {"zero2": zero2, "zero3": zero3}
+        scenarios |= {"zero2": zero2, "zero3": zero3, "zero3_partitioned": zero3_partitioned}
         result = {**scenarios, "nccl": nccl, "offload": offload}[scenario](out)
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
         dist.barrier()  # no rank tears gloo down while another still talks to it

@@ -100,6 +100,12 @@ def test_deepspeed_zero2_gives_the_reference_the_step_and_the_saved_adapter(tmp_
 
 @pytest.mark.slow
 @needs_deepspeed
-def test_deepspeed_zero3_is_refused_by_name_before_anything_changes(tmp_path):
-    rank0, rank1 = _run("zero3", tmp_path)
-    assert rank0 == rank1 == {"refused": [True] * 4}
+@pytest.mark.parametrize("scenario", ["zero3", "zero3_partitioned"])
+def test_deepspeed_zero3_reference_step_delta_and_save_on_partitions(tmp_path, scenario):
+    rank0, rank1 = _run(scenario, tmp_path)
+    assert rank0["delta"] == rank1["delta"] and rank0["delta"][0] > 0
+    assert (rank0["partitioned"] > 0) is (scenario == "zero3_partitioned")
+    loaded = peft.PeftModel.from_pretrained(base_model(0), tmp_path / "saved-ref").eval()
+    for rank in (0, 1):
+        expected = torch.load(tmp_path / f"saved-ref-logits-{rank}.pt")
+        torch.testing.assert_close(logits(loaded), expected, rtol=1e-6, atol=1e-6)

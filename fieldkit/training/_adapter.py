@@ -169,9 +169,9 @@ def read_adapter(
     }
     check_usable(fn, [(n, params[n]) for n in wanted.values()])  # before shapes: ZeRO-3's are 0
     mismatched = [
-        f"{k!r} (live {n!r}): file {shapes[k]}, live {tuple(params[n].shape)}"
+        f"{k!r} (live {n!r}): file {shapes[k]}, live {tuple(sharding.full_shape(params[n]))}"
         for k, n in wanted.items()
-        if shapes[k] != tuple(params[n].shape)
+        if shapes[k] != tuple(sharding.full_shape(params[n]))
     ]
     if mismatched:
         raise ValueError(
@@ -243,8 +243,8 @@ def _unread(live_tensors, skipped, by_file_key, live_name, name_of, read) -> lis
 
 
 def _same(saved: torch.Tensor, live: torch.Tensor) -> bool:
-    index = sharding.shard_index(live)
-    saved, live = (saved if index is None else saved[index]), sharding.local(live)
+    saved = sharding.cut(live, lambda index: saved if index is None else saved[index])
+    live = sharding.local(live)
     return saved.shape == live.shape and torch.equal(saved.to(live.dtype), live.detach().cpu())
 
 
@@ -277,11 +277,11 @@ Into = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 def _read_into(f, pairs: list[tuple[str, str]], params: dict, into: Into | None) -> StateDict:
     """``{name: value}`` for each ``(file key, live name)`` of the open safetensors file ``f``,
     in name order, each read into its destination from ``into``; a sharded (FSDP2) parameter
-    reads only this rank's shard."""
+    reads only this rank's shard, a ZeRO-3 parameter its partition."""
     pairs = sorted(pairs, key=lambda pair: pair[1])
     likes = [sharding.local(params[n]) for _, n in pairs]
     dsts = into(likes) if into is not None else [host_empty(like) for like in likes]
     for (k, n), dst in zip(pairs, dsts, strict=True):
-        index = sharding.shard_index(params[n])
-        dst.copy_(f.get_tensor(k) if index is None else f.get_slice(k)[index])
+        read = lambda index, k=k: f.get_tensor(k) if index is None else f.get_slice(k)[index]  # noqa: E731
+        dst.copy_(sharding.cut(params[n], read))
     return {n: dst for (_, n), dst in zip(pairs, dsts, strict=True)}

@@ -227,7 +227,7 @@ def delta_report(
         rows.append(
             TensorDelta(
                 name,
-                tuple(after[name].shape),
+                tuple(sharding.full_shape(after[name])),
                 str(after[name].dtype).removeprefix("torch."),
                 l2,
                 mx,

@@ -9,7 +9,8 @@ global sums, and what is refused.
 - Global figures: a sum of squares is summed over the mesh dimensions a parameter is sharded
   on; a max is taken over them. Replicated dimensions (DDP, HSDP's replica groups) already
   hold the same values.
-- Refused, by name: DeepSpeed ZeRO-3 partitioned parameters, FSDP1 ``FlatParameter``s, DTensors
+- DeepSpeed ZeRO-3: each rank holds a flat partition (``_zero``), read and written in place.
+- Refused, by name: ZeRO-3 offloaded or hierarchical partitions, FSDP1 ``FlatParameter``s, DTensors
   with a ``Partial`` placement, and DTensors on a torch without the public ``DTensor`` and
   ``FSDPModule`` (before 2.6): single-process use works on any torch the extras allow.
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _zero as zero
+
 try:  # FSDP2 and DTensor as fieldkit uses them: public since torch 2.6
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -27,16 +30,52 @@ except ImportError:  # an older torch, or one built without torch.distributed
 
 
 def is_sharded(param: torch.Tensor) -> bool:
-    return isinstance(param, DTensor)
+    """Whether each rank holds only a piece of ``param``: FSDP2 (DTensor) or DeepSpeed ZeRO-3."""
+    return isinstance(param, DTensor) or zero.is_zero3(param)
 
 
 def local(param: torch.Tensor) -> torch.Tensor:
-    """The tensor fieldkit reads and writes for ``param`` (any tensor): its ``.data``, or for a
-    DTensor its local shard's. ``.data`` has its own autograd version counter, so writing
-    through it leaves a pending backward valid."""
+    """The tensor fieldkit reads and writes for ``param`` (any tensor): its ``.data``, for a
+    DTensor its local shard's, for a ZeRO-3 parameter its partition's (``_zero``). ``.data``
+    has its own autograd version counter, so writing through it leaves a pending backward
+    valid."""
     if isinstance(param, DTensor):
         return param.to_local().data
+    if zero.is_zero3(param):
+        return zero.local(param)
     return param.data
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """``param``'s whole shape, also where this rank holds a piece (ZeRO-3's ``.data`` is
+    empty outside the forward)."""
+    return param.ds_shape if zero.is_zero3(param) else param.shape
+
+
+def cut(param: torch.Tensor, read) -> torch.Tensor:
+    """This rank's piece of a full value of ``param``; ``read(index)`` gives the value, or only
+    the rows ``index`` of it (FSDP2: a shard is a block of rows, read without the rest)."""
+    if isinstance(param, DTensor):
+        return read(shard_index(param))
+    whole = read(None)
+    return zero.cut(param, whole) if zero.is_zero3(param) else whole
+
+
+def pieces(state: dict, params: dict) -> dict:
+    """``state`` with each full value of a parameter sharded since cut to this rank's piece."""
+    out = dict(state)
+    for name, value in state.items():
+        param = params.get(name)
+        if param is not None and is_sharded(param) and value.shape != local(param).shape:
+            if value.shape == full_shape(param):
+                out[name] = cut(param, lambda index, v=value: v if index is None else v[index])
+    return out
+
+
+def release(named: list[tuple[str, torch.Tensor]], *, refuse: bool) -> None:
+    """Around a swap: free what DeepSpeed ZeRO-3 keeps gathered (see ``_zero.release``)."""
+    if named:
+        zero.release(named, refuse=refuse)
 
 
 def unusable(param: torch.Tensor) -> str | None:
@@ -46,11 +85,8 @@ def unusable(param: torch.Tensor) -> str | None:
             f"DTensors (FSDP2), which fieldkit supports on torch >= 2.6; this is torch "
             f"{torch.__version__}: upgrade torch, or train without sharding"
         )
-    if hasattr(param, "ds_id"):
-        return (
-            "DeepSpeed ZeRO-3 partitioned parameters; gather them "
-            "(deepspeed.zero.GatheredParameters) or use ZeRO stage 1/2 or FSDP2 (fully_shard)"
-        )
+    if zero.is_zero3(param):
+        return zero.unusable(param)
     if type(param).__name__ == "FlatParameter":
         return "FSDP1 flat parameters (FullyShardedDataParallel); use FSDP2 (fully_shard)"
     if isinstance(param, DTensor):
@@ -68,19 +104,21 @@ def unusable(param: torch.Tensor) -> str | None:
 
 
 def check_still(sharded: bool, model: nn.Module) -> None:
-    """Refuse a snapshot taken on the ``sharded`` (or unsharded) model that no longer is."""
-    if sharded != any(is_sharded(p) for p in model.parameters()):
+    """Refuse a snapshot of the sharded model on the model unsharded again (its pieces cannot
+    make whole tensors). The other way, a snapshot taken before ``fully_shard`` or
+    ``deepspeed.initialize``, is cut to this rank's pieces (:func:`cut`)."""
+    if sharded and not any(is_sharded(p) for p in model.parameters()):
         raise ValueError(
-            "LoraReferenceSnapshot: the snapshot was taken on the "
-            f"{'sharded' if sharded else 'unsharded'} model, and the model is "
-            f"{'unsharded' if sharded else 'sharded (FSDP2)'} now: take a new snapshot. "
-            "Nothing was changed."
+            "LoraReferenceSnapshot: the snapshot was taken on the sharded model, and the model "
+            "is unsharded now: take a new snapshot. Nothing was changed."
         )
 
 
 def groups(param: torch.Tensor) -> tuple:
     """The process groups to sum ``param``'s local figures over: one per mesh dimension it is
     sharded on; () when every rank holds all of it."""
+    if zero.is_zero3(param):
+        return (param.ds_process_group,)
     if not isinstance(param, DTensor):
         return ()
     mesh = param.device_mesh
@@ -104,6 +142,8 @@ def shard_index(param: torch.Tensor) -> tuple[slice, ...] | None:
 def gather(param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
     """The whole tensor of which ``shard`` is this rank's piece, laid out as ``param`` (a
     DTensor) is sharded, on the CPU. A collective: every rank must call it."""
+    if zero.is_zero3(param):
+        return zero.gather(param, shard)
     if not isinstance(param, DTensor):
         return shard
     local = shard.to(param.to_local().device)

@@ -41,11 +41,11 @@ class LoraReferenceSnapshot:
             is. ``"copy"``: the snapshot is copied into the parameters' own storage, and the
             live values back on exit (three copies); pick it when something holds on to the
             parameters' storage (CUDA graphs, ``torch.compile(mode="reduce-overhead")``).
-            Sharded (FSDP2) parameters are copied into the local shard in either mode; the
-            snapshot then holds this rank's shard.
+            Sharded (FSDP2, ZeRO-3) parameters are copied into this rank's piece in either
+            mode, and the snapshot holds that piece (a snapshot taken before the model was
+            sharded is cut to it at its first swap).
         check_writes: at each exit, compare the swapped values bit for bit with a copy taken
-            at the entry (one more host copy of the adapter and one compare per swap: a
-            debugging aid, off by default). It catches what the other guards cannot see.
+            at the entry (one more host copy and one compare per swap: a debugging aid).
 
     What the guards catch inside ``with snap:``: an in-place write through autograd (the
     parameters' version counters) raises at the exit, after the live weights are back; an
@@ -57,9 +57,8 @@ class LoraReferenceSnapshot:
     another device it goes into the staged copy, and in copy mode into the parameter's own
     storage; either way the exit throws it away.
 
-    On CUDA, the snapshot is copied to the device on the stream that is current at ``with
-    snap:``, and that copy is freed at the exit: run the reference forward on that stream (the
-    default, unless you switch streams inside the block). Write into :attr:`state` only through
+    On CUDA, the snapshot is copied to the device on the stream current at ``with snap:`` and
+    freed at the exit: run the reference forward on that stream. Write into :attr:`state` through
     :meth:`update_`, :meth:`refresh` or :func:`soft_update_`, which wait for copies
     still reading it (a plain ``snap.state[k].copy_(...)`` does not).
 
@@ -135,8 +134,10 @@ class LoraReferenceSnapshot:
     ) -> None:
         """Check ``state`` against the model in full, then keep it packed on the CPU (as it
         is, when ``packs`` says it already is)."""
-        if self._binding is not None:  # a re-check: sharded and unsharded never mix
+        if self._binding is not None:  # a re-check: taken before the model was sharded?
             sharding.check_still(any(self._binding.sharded), self._model)
+            params = sharding.named_parameters(self._model)
+            state = sharding.pieces(state, params)  # then each rank keeps its piece
         swap, values = plan(
             "LoraReferenceSnapshot", self._model, state, "snapshot", self.mode, params
         )

@@ -18,6 +18,7 @@ from . import _sharding as sharding
 from ._buffers import join_default, packed, rejoin_default, to_devices
 from ._checks import check_usable, first, keys, shape
 from ._guards import Held, Owner, Readers, forget_casts, versions, written
+from ._zero import is_zero3 as zero_3
 
 Mode = Literal["pointer", "copy"]
 MODES: tuple[Mode, ...] = ("pointer", "copy")
@@ -56,10 +57,14 @@ def bind(
     check_usable(fn, [(k, p) for k, p, _ in bound])
     # A sharded parameter (FSDP2) takes values shaped like its local shard.
     shapes = {k: shape(p) for k, p, _ in bound}
-    full = [k for k, p, v in bound if sharding.is_sharded(p) and v.shape == p.shape != shapes[k]]
+    full = [
+        k
+        for k, p, v in bound
+        if sharding.is_sharded(p) and v.shape == sharding.full_shape(p) != shapes[k]
+    ]
     if full:
         raise ValueError(
-            f"{fn}: {arg} holds full (unsharded) tensors for sharded (FSDP2) parameters "
+            f"{fn}: {arg} holds full (unsharded) tensors for sharded (FSDP2, ZeRO-3) parameters "
             f"{keys(full)}; take the snapshot on the sharded model, or read it with from_disk, "
             "which keeps this rank's shard. Nothing was changed."
         )
@@ -101,6 +106,7 @@ class Swap:
         self.shards = [i for i in self.copied if sharding.is_sharded(params[i])]
         self.model, self.owner = model, Owner.of(model)
         self.held = Held(names, params)
+        self.zero3 = [(n, p) for n, p in zip(names, params, strict=True) if zero_3(p)]
         # Swaps queued on a side stream are ordered after the default stream's work (the
         # optimizer step) at entry, and before its later work (the policy forward) at exit.
         self.cuda = sorted({sharding.local(p).device for p in params if p.is_cuda}, key=str)
@@ -137,6 +143,7 @@ class Swap:
         """
         self.check_readers()
         params, copied = self.params, self.copied
+        sharding.release(self.zero3, refuse=True)  # the forward must gather what is written
         join_default(self.cuda)
         datas = [sharding.local(p) for p in params]
         displaced = list(datas)
@@ -198,6 +205,7 @@ class Swap:
                     param.data = old
             forget_casts()
             rejoin_default(self.cuda)
+            sharding.release(self.zero3, refuse=False)  # nor keep the reference gathered
         finally:
             self.held.release()
         return changed
