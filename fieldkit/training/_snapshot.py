@@ -64,7 +64,7 @@ class LoraReferenceSnapshot:
 
     Raises:
         ValueError: unknown names, shape or dtype mismatches in ``snapshot``, or parameters fieldkit
-            cannot swap (offloaded to ``meta``, FSDP1, DeepSpeed ZeRO-3, quantized); raised
+            cannot swap (offloaded to ``meta``, FSDP1, offloaded ZeRO-3, quantized); raised
             here, before any swap.
         RuntimeError: entering a snapshot that is already entered.
 

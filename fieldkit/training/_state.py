@@ -25,8 +25,8 @@ def capture_trainable(model: nn.Module, /) -> StateDict:
 
     Raises:
         ValueError: a trainable parameter fieldkit cannot read (offloaded to ``meta``, FSDP1,
-            DeepSpeed ZeRO-3, quantized); the message names them. For a sharded (FSDP2)
-            parameter the copy is this rank's shard.
+            offloaded ZeRO-3, quantized); the message names them. For a sharded (FSDP2,
+            ZeRO-3) parameter the copy is this rank's piece.
 
     >>> import torch
     >>> layer = torch.nn.Linear(2, 2)

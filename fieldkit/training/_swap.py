@@ -270,7 +270,7 @@ def swap_in(
 
     Raises:
         ValueError: unknown names, shape or dtype mismatches, parameters fieldkit cannot swap
-            (offloaded to ``meta``, FSDP1, DeepSpeed ZeRO-3, quantized), an unknown mode, or
+            (offloaded to ``meta``, FSDP1, offloaded ZeRO-3, quantized), an unknown mode, or
             peft layers that would not read the swapped values (merged, disabled, another
             adapter active). All-or-nothing: everything is checked before anything
             is written, and after any error the model holds exactly what it held before.

@@ -29,8 +29,8 @@ class WeightDeltaTracker:
 
     Raises:
         ValueError: a trainable parameter fieldkit cannot read (offloaded to ``meta``, FSDP1,
-            DeepSpeed ZeRO-3, quantized). Under FSDP2 the snapshot is this rank's shard, and
-            ``delta()`` / ``report()`` are collectives that return global figures.
+            offloaded ZeRO-3, quantized). Sharded (FSDP2, ZeRO-3): the snapshot is this rank's
+            piece, and ``delta()`` / ``report()`` are collectives that return global figures.
 
     >>> import torch
     >>> model = torch.nn.Linear(3, 1)
