@@ -41,18 +41,26 @@ def test_ci_runs_the_readme_test_command():
         assert command in readme, f"{command!r} is not in README.md"
 
 
-@pytest.mark.slow
-def test_fsdp2_example_runs_on_two_ranks():
+def _two_ranks(example: str, *args: str):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out, lines, rows = _example(
+    return _example(
         *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
-        *("--master-port", str(port), str(ROOT / "examples" / "fsdp2_reference_loop.py")),
-        *("--steps", "3"),
+        *("--master-port", str(port), str(ROOT / "examples" / example), *args),
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "example", ["fsdp2_reference_loop.py", "deepspeed_reference_loop.py"], ids=["fsdp2", "zero3"]
+)
+def test_the_sharded_examples_run_on_two_ranks(example):
+    if example.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (.[deepspeed])")
+    out, lines, rows = _two_ranks(example, "--steps", "3")
     assert [int(r[0]) for r in rows] == [0, 1, 2]
     assert all(float(r[3]) > 0 for r in rows)  # the global delta grows from step 0
     assert "rank 0 holds 1,536 of the 3,072 reference values" in out
