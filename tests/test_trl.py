@@ -6,6 +6,8 @@ tensors, so its step-1 KL is not 0; with a snapshot it is exactly 0, as it must 
 reference are the same adapter at step 1)."""
 
 import functools
+import importlib.util
+import os
 import subprocess
 import sys
 import warnings
@@ -277,3 +279,50 @@ def test_importing_fieldkit_training_never_imports_trl():
     code = "import fieldkit.training, fieldkit.training.hf, sys; assert 'trl' not in sys.modules"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# One process of accelerate + DeepSpeed ZeRO-3, as TRL runs it: accelerate prepares the model
+# inside train(), after use_snapshot_reference took the snapshot of the whole model.
+_UNDER_DEEPSPEED = """
+import json, os, sys, tempfile
+from pathlib import Path
+import test_trl as T
+from fieldkit.training.trl import use_snapshot_reference
+ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+      "zero_optimization": {"stage": 3}}
+kl = {}
+for snap in (False, True):
+    trainer = T._trainer("grpo", Path(tempfile.mkdtemp()), deepspeed=ds)
+    if snap:
+        use_snapshot_reference(trainer)
+    kl["snapshot" if snap else "trl"] = T._train(trainer)[0]["kl"]
+print(json.dumps(kl))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')",
+)
+def test_grpo_under_deepspeed_zero3_gives_exactly_zero_kl_at_step_1():
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TQDM_DISABLE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _UNDER_DEEPSPEED],
+        cwd=Path(__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    kl = json.loads(done.stdout.strip().splitlines()[-1])
+    assert kl["snapshot"] == 0.0, kl
+    assert kl["trl"] != 0.0, kl  # TRL's own "ref" adapter misses the embedding LoRA

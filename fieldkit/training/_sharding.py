@@ -62,13 +62,20 @@ def cut(param: torch.Tensor, read) -> torch.Tensor:
 
 
 def pieces(state: dict, params: dict) -> dict:
-    """``state`` with each full value of a parameter sharded since cut to this rank's piece."""
+    """``state`` with each full value of a parameter sharded since cut to this rank's piece,
+    and cast as the engine cast the parameter (DeepSpeed keeps bf16 partitions of fp32
+    weights under ``bf16``: the same rounding of the same values)."""
     out = dict(state)
     for name, value in state.items():
         param = params.get(name)
-        if param is not None and is_sharded(param) and value.shape != local(param).shape:
-            if value.shape == full_shape(param):
-                out[name] = cut(param, lambda index, v=value: v if index is None else v[index])
+        if param is None or not is_sharded(param) or value.shape != full_shape(param):
+            continue
+        piece = local(param)
+        if value.shape != piece.shape:
+            value = cut(param, lambda index, v=value: v if index is None else v[index])
+        if value.dtype != piece.dtype and value.is_floating_point() and piece.is_floating_point():
+            value = value.to(piece.dtype)
+        out[name] = value
     return out
 
 
