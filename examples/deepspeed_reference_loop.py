@@ -20,7 +20,7 @@ import tempfile
 import deepspeed
 import torch
 import torch.distributed as dist
-from fsdp2_reference_loop import VOCAB, tiny_peft_model
+from fsdp2_reference_loop import VOCAB, log_step, losses, tiny_peft_model
 
 from fieldkit.training import LoraReferenceSnapshot, WeightDeltaTracker
 
@@ -56,22 +56,10 @@ def main(steps: int, beta: float, lr: float, stage: int) -> None:
         logits = engine(batch).logits  # with grad
         with reference:  # this rank's partitions swapped in, no grad, restored on exit
             ref_logits = engine(batch).logits
-        logp, ref_logp = logits.log_softmax(-1), ref_logits.log_softmax(-1)
-        kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, VOCAB), batch[:, 1:].reshape(-1)
-        )
+        nll, kl = losses(logits, ref_logits, batch)
         engine.backward(nll + beta * kl)
         engine.step()
-
-        l2, max_abs = tracker.delta()  # a collective: the global figures, on every rank
-        figures = [None] * world
-        dist.all_gather_object(figures, (l2, max_abs))
-        assert all(f == figures[0] for f in figures), figures
-        if step == 0:
-            assert kl.item() < 1e-6, kl.item()  # the policy starts as the reference
-        if rank == 0:
-            print(f"{step:>4} {nll.item():>8.4f} {kl.item():>13.6f} {l2:>15.6f} {max_abs:>10.6f}")
+        log_step(step, nll, kl, tracker)
     held = sum(t.numel() for t in reference.state.values())
     report = tracker.report()  # a collective too
     if rank == 0:

@@ -50,6 +50,29 @@ def tiny_peft_model(seed: int) -> peft.PeftModel:
     return model
 
 
+def losses(logits, ref_logits, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token NLL and KL(policy || reference), averaged over the batch."""
+    logp, ref_logp = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), batch[:, 1:].reshape(-1)
+    )
+    return nll, kl
+
+
+def log_step(step: int, nll, kl, tracker: WeightDeltaTracker) -> None:
+    """The global delta (a collective: every rank calls it and gets the same figures), checked
+    equal on every rank; rank 0 prints the step's row."""
+    l2, max_abs = tracker.delta()
+    figures = [None] * dist.get_world_size()
+    dist.all_gather_object(figures, (l2, max_abs))
+    assert all(f == figures[0] for f in figures), figures
+    if step == 0:
+        assert kl.item() < 1e-6, kl.item()  # the policy starts as the reference
+    if dist.get_rank() == 0:
+        print(f"{step:>4} {nll.item():>8.4f} {kl.item():>13.6f} {l2:>15.6f} {max_abs:>10.6f}")
+
+
 def main(steps: int, beta: float, lr: float) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -81,23 +104,11 @@ def main(steps: int, beta: float, lr: float) -> None:
         logits = policy(batch).logits  # with grad
         with reference:  # the reference's shards swapped in, no grad, restored on exit
             ref_logits = policy(batch).logits
-        logp, ref_logp = logits.log_softmax(-1), ref_logits.log_softmax(-1)
-        kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, VOCAB), batch[:, 1:].reshape(-1)
-        )
+        nll, kl = losses(logits, ref_logits, batch)
         (nll + beta * kl).backward()
         opt.step()
         opt.zero_grad()
-
-        l2, max_abs = tracker.delta()  # a collective: the global figures, on every rank
-        figures = [None] * world
-        dist.all_gather_object(figures, (l2, max_abs))
-        assert all(f == figures[0] for f in figures), figures
-        if step == 0:
-            assert kl.item() < 1e-6, kl.item()  # the policy starts as the reference
-        if rank == 0:
-            print(f"{step:>4} {nll.item():>8.4f} {kl.item():>13.6f} {l2:>15.6f} {max_abs:>10.6f}")
+        log_step(step, nll, kl, tracker)
     report = tracker.report()  # a collective too
     if rank == 0:
         print(report.diagnosis())

@@ -211,6 +211,39 @@ def test_from_disk_pins_the_snapshot_once(tmp_path):
     assert _pinned_blocks_handed_out() - before == 1  # one (device, dtype): one block
 
 
+def test_a_soft_update_pins_one_block_per_dtype_not_one_per_tensor():
+    model = peft_model("linear", seed=2).cuda()
+    snap = LoraReferenceSnapshot(model)
+    perturb(model, seed=7)
+    torch.cuda.synchronize()
+    before = _pinned_blocks_handed_out()
+    snap.update_(model, 0.5)
+    assert _pinned_blocks_handed_out() - before == 1  # one (device, dtype): one block
+
+
+def test_a_resumed_reference_sync_pins_no_second_adapter(tmp_path):
+    """The callback's resume path reads the saved reference unpinned and writes it into the
+    snapshot in place (it built a second, pinned snapshot to copy from)."""
+    import transformers
+
+    from fieldkit.training.hf import ReferenceSyncCallback
+
+    model = peft_model("linear", seed=2).cuda()
+    snap = LoraReferenceSnapshot(model)
+    saved = {k: v.clone() for k, v in snap.state.items()}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    state = transformers.TrainerState(global_step=4)
+    snap.save_pretrained(tmp_path / "checkpoint-4" / "fieldkit" / "reference")
+    perturb(model, seed=7)
+    snap.refresh(model)  # the snapshot moved on; the resume must bring the saved one back
+    callback = ReferenceSyncCallback(snap, alpha=0.5, every=2)
+    torch.cuda.synchronize()
+    before = _pinned_blocks_handed_out()
+    callback.on_step_begin(args, state, transformers.TrainerControl(), model=model)
+    assert _pinned_blocks_handed_out() == before
+    assert all(torch.equal(snap.state[k], v) for k, v in saved.items())
+
+
 def test_gradients_exact_with_a_reference_forward_between_on_a_side_stream(mode):
     """The reference forward and its restore run on a side stream held by a sleep; backward on
     the default stream must wait for the restore (in copy mode the parameters' own storage
