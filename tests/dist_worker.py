@@ -395,14 +395,14 @@ def _zero3(out: Path, **zero) -> dict:
     start = _whole(model)
     _engine_step(engine)
     live = logits(model)
-    for snap, expected in (
-        (disk, expected_ref),
-        (online, expected_online),
-        (early, expected_online),
-    ):
+    cases = [(disk, expected_ref), (online, expected_online), (early, expected_online)]
+    for snap, expected in cases * 2:  # the second time round, each is bound already
         with snap:
             torch.testing.assert_close(logits(model), expected, rtol=1e-6, atol=1e-6)
+        # Released (after the exit) or gathered again (after a forward): the same binding.
+        assert snap._binding.current(), "DeepSpeed freeing a parameter looked like a change"
         assert torch.equal(logits(model), live), "the policy's weights did not come back"
+        assert snap._binding.current(), "DeepSpeed gathering a parameter looked like a change"
     # A step with a reference forward between the policy forward and backward, against a plain
     # step of an identical engine: the partitions after it are the same, bit for bit.
     twin = _engine(3, **zero)

@@ -47,9 +47,13 @@ class Binding:
 
     def _sign(self) -> tuple[list, list, list]:
         params = self.params
-        tensors = [sharding.local(p) for p in params] if self._any_sharded else params
+        if not self._any_sharded:
+            metas, tensors = list(map(_meta, params)), params
+        else:  # a ZeRO-3 parameter's own shape changes as DeepSpeed gathers and frees it
+            metas = [(sharding.full_shape(p), p.dtype, p.device) for p in params]
+            tensors = [sharding.local(p) for p in params]
         return (
-            list(map(_meta, params)),
+            metas,
             list(map(torch.Tensor.stride, tensors)),
             list(map(torch.Tensor.data_ptr, tensors)),
         )
