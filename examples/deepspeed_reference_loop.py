@@ -20,7 +20,7 @@ import tempfile
 import deepspeed
 import torch
 import torch.distributed as dist
-from fsdp2_reference_loop import VOCAB, log_step, losses, tiny_peft_model
+from fsdp2_reference_loop import VOCAB, finish, log_step, losses, tiny_peft_model
 
 from fieldkit.training import LoraReferenceSnapshot, WeightDeltaTracker
 
@@ -61,12 +61,7 @@ def main(steps: int, beta: float, lr: float, stage: int) -> None:
         engine.step()
         log_step(step, nll, kl, tracker)
     held = sum(t.numel() for t in reference.state.values())
-    report = tracker.report()  # a collective too
-    if rank == 0:
-        print(f"rank 0 holds {held:,} of the {total:,} reference values")
-        print(report.diagnosis())
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
+    finish(tracker, f"rank 0 holds {held:,} of the {total:,} reference values")
 
 
 if __name__ == "__main__":

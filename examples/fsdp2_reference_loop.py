@@ -73,6 +73,16 @@ def log_step(step: int, nll, kl, tracker: WeightDeltaTracker) -> None:
         print(f"{step:>4} {nll.item():>8.4f} {kl.item():>13.6f} {l2:>15.6f} {max_abs:>10.6f}")
 
 
+def finish(tracker: WeightDeltaTracker, *lines: str) -> None:
+    """The per-tensor diagnosis (``report()`` is a collective too), printed by rank 0 after
+    ``lines``; then the process group is torn down once every rank is done with it."""
+    report = tracker.report()
+    if dist.get_rank() == 0:
+        print(*lines, report.diagnosis(), sep="\n")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
+    dist.destroy_process_group()
+
+
 def main(steps: int, beta: float, lr: float) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -109,11 +119,7 @@ def main(steps: int, beta: float, lr: float) -> None:
         opt.step()
         opt.zero_grad()
         log_step(step, nll, kl, tracker)
-    report = tracker.report()  # a collective too
-    if rank == 0:
-        print(report.diagnosis())
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
+    finish(tracker)
 
 
 if __name__ == "__main__":

@@ -187,3 +187,29 @@ def test_a_checkpoint_without_fieldkit_state_resumes_with_a_warning(tmp_path):
     shutil.rmtree(tmp_path / "old" / "checkpoint-2" / "fieldkit")  # as an older run saved it
     with pytest.warns(UserWarning, match="starts afresh from here"):
         _run(tmp_path / "old", resume=str(tmp_path / "old" / "checkpoint-2"), steps=4)
+
+
+def test_ranks_saving_one_reference_at_once_never_collide(tmp_path):
+    """Replicated training (DDP, ZeRO-1/2): every rank may call save_pretrained into the same
+    directory. Writers on one machine take turns; the directory always holds a whole adapter."""
+    import threading
+
+    model = peft_model("linear", seed=2)
+    snap = LoraReferenceSnapshot(model)
+    errors = []
+
+    def save():
+        try:
+            for _ in range(15):
+                snap.save_pretrained(tmp_path / "ref")
+        except Exception as e:  # noqa: BLE001 - any collision is the failure
+            errors.append(e)
+
+    threads = [threading.Thread(target=save) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    again = LoraReferenceSnapshot.from_disk(model, tmp_path / "ref", strict=True)
+    assert all(torch.equal(again.state[n], v) for n, v in snap.state.items())

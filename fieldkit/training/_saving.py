@@ -3,6 +3,7 @@ by parameter name, which the loader reads back), written atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -64,7 +65,8 @@ def adapter_files(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[
 def write_atomically(directory: str | os.PathLike, tensors: dict, config) -> str:
     """Write ``tensors`` (and ``config``'s ``adapter_config.json``) into ``directory`` through a
     temporary directory renamed into place: a crash leaves the old directory or none, never a
-    half-written adapter that looks whole."""
+    half-written adapter that looks whole. Writers into one directory take turns (every rank
+    of a replicated run may save the same reference)."""
     from safetensors.torch import save_file
 
     target = os.path.abspath(os.fspath(directory))
@@ -76,14 +78,32 @@ def write_atomically(directory: str | os.PathLike, tensors: dict, config) -> str
         save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
         if config is not None:
             config.save_pretrained(tmp)
-        if os.path.exists(target):
-            old = tmp + ".old"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
+        with _turn(parent):  # one writer at a time swaps it in
+            if os.path.exists(target):
+                old = tmp + ".old"
+                os.rename(target, old)
+                os.rename(tmp, target)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+@contextlib.contextmanager
+def _turn(parent: str):
+    """Hold an exclusive lock on the directory ``parent`` (POSIX ``flock``, which leaves no
+    file behind; no lock where there is none)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
