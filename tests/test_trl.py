@@ -281,10 +281,10 @@ def test_importing_fieldkit_training_never_imports_trl():
     assert done.returncode == 0, done.stderr
 
 
-# One process of accelerate + DeepSpeed ZeRO-3, as TRL runs it: accelerate prepares the model
+# Two ranks of accelerate + DeepSpeed ZeRO-3, as TRL runs them: accelerate prepares the model
 # inside train(), after use_snapshot_reference took the snapshot of the whole model.
 _UNDER_DEEPSPEED = """
-import json, os, sys, tempfile
+import json, os, tempfile
 from pathlib import Path
 import test_trl as T
 from fieldkit.training.trl import use_snapshot_reference
@@ -305,24 +305,34 @@ print(json.dumps(kl))
     importlib.util.find_spec("deepspeed") is None,
     reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')",
 )
-def test_grpo_under_deepspeed_zero3_gives_exactly_zero_kl_at_step_1():
+def test_grpo_under_deepspeed_zero3_on_two_ranks_gives_exactly_zero_kl_at_step_1():
     import json
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TQDM_DISABLE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", _UNDER_DEEPSPEED],
-        cwd=Path(__file__).parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    kl = json.loads(done.stdout.strip().splitlines()[-1])
-    assert kl["snapshot"] == 0.0, kl
-    assert kl["trl"] != 0.0, kl  # TRL's own "ref" adapter misses the embedding LoRA
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    env |= {"MASTER_PORT": str(port), "TQDM_DISABLE": "1"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _UNDER_DEEPSPEED],
+            cwd=Path(__file__).parent,
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=600) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    for p, (_, err) in zip(ranks, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    kls = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert kls[0] == kls[1], kls  # the global figure, on both ranks
+    assert kls[0]["snapshot"] == 0.0, kls
+    assert kls[0]["trl"] != 0.0, kls  # TRL's own "ref" adapter misses the embedding LoRA
