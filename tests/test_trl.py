@@ -281,18 +281,18 @@ def test_importing_fieldkit_training_never_imports_trl():
     assert done.returncode == 0, done.stderr
 
 
-# Two ranks of accelerate + DeepSpeed ZeRO-3, as TRL runs them: accelerate prepares the model
-# inside train(), after use_snapshot_reference took the snapshot of the whole model.
-_UNDER_DEEPSPEED = """
-import json, os, tempfile
+# Two ranks of accelerate + DeepSpeed ZeRO-3 or accelerate's FSDP2 plugin, as TRL runs them:
+# accelerate prepares the model inside train(), after use_snapshot_reference took the snapshot
+# of the whole model. The engine's options come as JSON in argv[1].
+_SHARDED = """
+import json, sys, tempfile
 from pathlib import Path
 import test_trl as T
 from fieldkit.training.trl import use_snapshot_reference
-ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-      "zero_optimization": {"stage": 3}}
+options = json.loads(sys.argv[1])
 kl = {}
 for snap in (False, True):
-    trainer = T._trainer("grpo", Path(tempfile.mkdtemp()), deepspeed=ds)
+    trainer = T._trainer("grpo", Path(tempfile.mkdtemp()), **options)
     if snap:
         use_snapshot_reference(trainer)
     kl["snapshot" if snap else "trl"] = T._train(trainer)[0]["kl"]
@@ -300,14 +300,26 @@ print(json.dumps(kl))
 """
 
 
+ENGINES = {
+    "deepspeed-zero3": {
+        "deepspeed": {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "zero_optimization": {"stage": 3},
+        }
+    },
+    "fsdp2": {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}},
+}
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None,
-    reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')",
-)
-def test_grpo_under_deepspeed_zero3_on_two_ranks_gives_exactly_zero_kl_at_step_1():
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_grpo_sharded_on_two_ranks_gives_exactly_zero_kl_at_step_1(engine):
     import json
     import socket
+
+    if engine.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (pip install -e '.[deepspeed]')")
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -316,7 +328,7 @@ def test_grpo_under_deepspeed_zero3_on_two_ranks_gives_exactly_zero_kl_at_step_1
     env |= {"MASTER_PORT": str(port), "TQDM_DISABLE": "1"}
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", _UNDER_DEEPSPEED],
+            [sys.executable, "-c", _SHARDED, json.dumps(ENGINES[engine])],
             cwd=Path(__file__).parent,
             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
             stdout=subprocess.PIPE,
