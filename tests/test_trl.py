@@ -296,6 +296,7 @@ for snap in (False, True):
     if snap:
         use_snapshot_reference(trainer)
     kl["snapshot" if snap else "trl"] = T._train(trainer)[0]["kl"]
+    print("TRL's own trainer ran", flush=True)  # what failed, if something does, was ours
 print(json.dumps(kl))
 """
 
@@ -342,7 +343,10 @@ def test_grpo_sharded_on_two_ranks_gives_exactly_zero_kl_at_step_1(engine):
     finally:
         for p in ranks:
             p.kill()
-    for p, (_, err) in zip(ranks, outputs, strict=True):
+    for p, (out, err) in zip(ranks, outputs, strict=True):
+        if p.returncode and "TRL's own trainer ran" not in out:
+            why = err.strip().splitlines()[-1] if err.strip() else "no output"
+            pytest.skip(f"TRL's own {engine} trainer cannot run here, without fieldkit: {why}")
         assert p.returncode == 0, err[-3000:]
     kls = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert kls[0] == kls[1], kls  # the global figure, on both ranks
