@@ -6,7 +6,15 @@ import shutil
 import peft
 import pytest
 import torch
-from helpers import VARIANTS, assert_unchanged, base_model, fingerprint, logits, peft_model
+from helpers import (
+    VARIANTS,
+    assert_unchanged,
+    base_model,
+    fingerprint,
+    logits,
+    peft_model,
+    perturb,
+)
 
 from fieldkit.training import LoraReferenceSnapshot, load_adapter_dict
 
@@ -193,3 +201,46 @@ def test_bin_only_adapter_gets_a_hint(tmp_path, live):
     _save(tmp_path, "linear")
     shutil.move(tmp_path / "adapter_model.safetensors", tmp_path / "adapter_model.bin")
     _fails(live, tmp_path, FileNotFoundError, r"safe_serialization=True")
+
+
+def _bias_and_modules_to_save(seed):
+    # bias="all" with a modules_to_save layer that has a bias: peft maps two file keys
+    # (o_proj.bias and o_proj.modules_to_save.bias) to one live parameter.
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], bias="all", modules_to_save=["o_proj"])
+    model = peft.get_peft_model(base_model(0, attention_bias=True), config)
+    perturb(model, seed)
+    return model.eval()
+
+
+def test_a_parameter_two_file_keys_map_to_holds_one_slot_and_a_write_is_caught(tmp_path, mode):
+    reference = _bias_and_modules_to_save(seed=3)
+    reference.save_pretrained(tmp_path)
+    expected = logits(reference)
+    live = _bias_and_modules_to_save(seed=2)
+    snap = LoraReferenceSnapshot.from_disk(live, tmp_path, mode=mode)
+    assert sum(len(idx) for _, _, idx in snap._packs) == len(snap) == len(set(snap.state))
+    with snap:
+        assert torch.equal(logits(live), expected)
+    before = fingerprint(live)
+    with pytest.raises(RuntimeError, match="written in place inside `with snap:`"):
+        with snap:
+            for p in live.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)
+    assert_unchanged(live, before)
+    if mode == "pointer":  # the write went into the snapshot: refused until re-taken
+        with pytest.raises(RuntimeError, match="Re-take"), snap:
+            pass
+
+
+def test_a_file_whose_two_keys_for_one_parameter_disagree_is_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _bias_and_modules_to_save(seed=3).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.layers.1.self_attn.o_proj.modules_to_save.bias"
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"different values under file keys .*o_proj\.bias"):
+        load_adapter_dict(_bias_and_modules_to_save(seed=2), tmp_path)

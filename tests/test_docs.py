@@ -9,7 +9,7 @@ import fieldkit.training
 
 MODULES = sorted(
     {f"fieldkit.training.{m}" for m in fieldkit.training._EXPORTS.values()}
-    | {"fieldkit.training.hf"}
+    | {"fieldkit.training.hf", "fieldkit.training._names"}
 )
 
 

@@ -10,7 +10,16 @@ import pytest
 import torch
 from helpers import TOKENS, assert_unchanged, base_model, fingerprint, logits, peft_model, perturb
 
-from fieldkit.training import LoraReferenceSnapshot, restore, swap_in
+from fieldkit.training import (
+    LoraReferenceSnapshot,
+    WeightDeltaTracker,
+    capture_trainable,
+    delta_report,
+    restore,
+    soft_update_,
+    swap_in,
+    weight_delta,
+)
 
 
 @pytest.fixture
@@ -81,6 +90,29 @@ def test_from_disk_into_an_adapter_the_forward_does_not_run_is_refused(tmp_path,
         p.requires_grad_("lora_" in peft_name(p, model) and ".default." in peft_name(p, model))
     with pytest.raises(ValueError, match=r"adapter 'default', but the forward runs 'other'"):
         LoraReferenceSnapshot.from_disk(model, tmp_path, mode=mode)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_from_disk_of_an_adapter_the_forward_does_not_run_is_refused_whatever_its_bias(
+    tmp_path, mode, bias
+):
+    # The adapter's biases belong to no adapter name, so only they would be trainable and
+    # read: the reference would be the live policy with the saved biases.
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"])
+    saved = peft.get_peft_model(
+        base_model(0, attention_bias=True), peft.LoraConfig(**config, bias=bias)
+    )
+    perturb(saved, seed=3)
+    saved.save_pretrained(tmp_path)
+    model = peft.get_peft_model(
+        base_model(0, attention_bias=True), peft.LoraConfig(**config, bias=bias)
+    )
+    model.add_adapter("other", peft.LoraConfig(**config))
+    model.set_adapter("other")
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=r"adapter 'default', but the forward runs 'other'"):
+        LoraReferenceSnapshot.from_disk(model, tmp_path, mode=mode)
+    assert_unchanged(model, before)
 
 
 def peft_name(param, model):
@@ -309,3 +341,48 @@ def test_a_copy_mode_snapshot_first_entered_in_inference_mode_works_outside_it(m
         assert torch.equal(logits(model), expected_ref)
     assert_unchanged(model, before)
     snap.update_(model, 0.5)
+
+
+# --- 6. reading the weights while they are swapped ------------------------------------------
+
+
+def _readers(model, tracker, other, start):
+    """Every way to read the live trainable weights: each would read the reference inside."""
+    live = lambda: dict(model.named_parameters())  # noqa: E731
+    return {
+        "WeightDeltaTracker.delta": tracker.delta,
+        "WeightDeltaTracker.report": tracker.report,
+        "WeightDeltaTracker.reset": tracker.reset,
+        "WeightDeltaTracker": lambda: WeightDeltaTracker(model),
+        "capture_trainable": lambda: capture_trainable(model),
+        "LoraReferenceSnapshot": lambda: LoraReferenceSnapshot(model),
+        "LoraReferenceSnapshot.update_": lambda: other.update_(model, 0.5),
+        "LoraReferenceSnapshot.refresh": lambda: other.refresh(model),
+        "weight_delta": lambda: weight_delta(start, live()),
+        "delta_report": lambda: delta_report(start, live()),
+        "soft_update_": lambda: soft_update_(dict(other.state), live(), 0.5),
+    }
+
+
+@pytest.mark.parametrize("how", ["snapshot", "swap_in"])
+def test_reading_the_weights_while_a_reference_is_swapped_in_is_refused_by_name(model, mode, how):
+    snap = LoraReferenceSnapshot(model, mode=mode)
+    perturb(model, seed=7)
+    tracker, other = WeightDeltaTracker(model), LoraReferenceSnapshot(model, mode=mode)
+    start = {k: v.clone() for k, v in snap.state.items()}
+    perturb(model, seed=8)
+    expected = tracker.delta(), weight_delta(start, dict(model.named_parameters()))
+    kept = {k: v.clone() for k, v in other.state.items()}
+    before = fingerprint(model)
+    for name, read in _readers(model, tracker, other, start).items():
+        with contextlib.ExitStack() as swapped:
+            if how == "snapshot":
+                swapped.enter_context(snap)
+            else:
+                displaced = swap_in(model, snap.state, mode=mode)
+                swapped.callback(restore, model, displaced)
+            with pytest.raises(RuntimeError, match=rf"^{name}: parameter\(s\) .* swapped in by"):
+                read()
+        assert_unchanged(model, before)
+        assert all(torch.equal(v, kept[k]) for k, v in other.state.items()), name
+        assert (tracker.delta(), weight_delta(start, dict(model.named_parameters()))) == expected

@@ -15,6 +15,7 @@ from . import missing
 from ._buffers import host_empty
 from ._checks import StateDict, check_usable, first, keys
 from ._format import PLAIN_FILE, check_config, file_keys, is_peft, plain, reading, weights_path
+from ._guards import bits
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,14 @@ def read_adapter(
             "input, not weights of the model's layers, so there is nothing to swap. fieldkit "
             "swaps the weights of layer adapters (LoRA, DoRA, LoHa, IA3, ...)."
         )
+    active = list(model.active_adapters)
+    if adapter_name not in active:  # checked here too: an adapter's biases have no adapter name
+        raise ValueError(
+            f"{fn}: the swap goes into adapter {adapter_name!r}, but the forward runs "
+            f"{first([repr(a) for a in active]) or 'no adapter'}: call "
+            f"model.set_adapter({adapter_name!r}) first, or read the adapter the forward runs. "
+            "Nothing was read."
+        )
     path = weights_path(adapter_dir, adapter_name, weights_filename)
     check_config(path, config, adapter_name)
 
@@ -199,10 +208,14 @@ def read_adapter(
             f"Skipped file key(s): {keys(skipped) or 'none'}. "
             f"Missing trainable parameter(s): {keys(missing) or 'none'}."
         )
+    by_name: dict[str, list[str]] = {}  # peft maps some parameters from two file keys
+    for k, n in wanted.items():
+        by_name.setdefault(n, []).append(k)
     with reading(fn, path):
         with safe_open(path, framework="pt", device="cpu") as f:
+            _check_aliases(path, [ks for ks in by_name.values() if len(ks) > 1], f.get_tensor)
             unread = _unread(live_tensors, skipped, by_file_key, live_name, name_of, f.get_tensor)
-            state = _read_into(f, list(wanted.items()), params, into)
+            state = _read_into(f, [(ks[0], n) for n, ks in by_name.items()], params, into)
     ours = set(live_name.values())
     unread += [f"{n!r} (live, trainable: not in the file)" for n in missing if n in ours]
     if unread:
@@ -213,6 +226,23 @@ def read_adapter(
             stacklevel=3,
         )
     return state, LoadReport(path, tuple(state), skipped, missing), params
+
+
+def _check_aliases(path: str, groups: list[list[str]], read) -> None:
+    """Refuse a file whose keys for one live parameter (``bias="all"`` with a
+    ``modules_to_save`` layer: ``x.bias`` and ``x.modules_to_save.bias``) hold different
+    values: which one the reference should be is not the file's to say."""
+    differ = [ks for ks in groups if not all(_same_bits(read(ks[0]), read(k)) for k in ks[1:])]
+    if differ:
+        raise ValueError(
+            f"load_adapter_dict: {path!r} holds different values under file keys that peft maps "
+            f"to one live parameter: {first([keys(ks) for ks in differ], 4, '; ')}. Re-save "
+            "the adapter with peft's save_pretrained."
+        )
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
 
 
 def _unread(live_tensors, skipped, by_file_key, live_name, name_of, read) -> list[str]:

@@ -8,24 +8,11 @@ import torch
 from torch import nn
 
 from . import _sharding as sharding
+from ._guards import Held
+from ._names import first, keys
 
 StateDict = dict[str, torch.Tensor]
 """A plain state dict: parameter name (as ``named_parameters()`` spells it) to tensor."""
-
-
-def first(items: list[str], limit: int = 8, sep: str = ", ") -> str:
-    """The first ``limit`` items joined, and how many more were cut."""
-    shown = sep.join(items[:limit])
-    return shown + (f"{sep}... (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
-def keys(names: Iterable[str], limit: int = 8) -> str:
-    """Names ``repr``'d and sorted, long lists cut: how every error names keys.
-
-    >>> keys(["b", "a", "c"], limit=2)
-    "'a', 'b', ... (+1 more)"
-    """
-    return first([repr(n) for n in sorted(names)], limit)
 
 
 def _unusable(param: torch.Tensor) -> str | None:
@@ -54,6 +41,7 @@ def trainable(fn: str, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """``(name, local tensor)`` of every trainable parameter, each checked to be usable."""
     found = [(n, p) for n, p in sharding.named_parameters(model).items() if p.requires_grad]
     check_usable(fn, found)
+    Held.refuse_reads(fn, [p for _, p in found])
     return [(name, sharding.local(param)) for name, param in found]
 
 
@@ -63,7 +51,10 @@ def shape(t: torch.Tensor) -> torch.Size:
 
 
 def check_shapes(fn: str, pairs, sides: tuple[str, str] = ("before", "after")) -> None:
-    """One ValueError naming every ``(key, x, y)`` whose (local) shapes differ."""
+    """One ValueError naming every ``(key, x, y)`` whose (local) shapes differ; refused too
+    when a parameter among them is swapped in (its values are the reference's now)."""
+    pairs = list(pairs)
+    Held.refuse_reads(fn, [t for _, x, y in pairs for t in (x, y)])
     bad = [
         f"{k!r}: {sides[0]} {tuple(shape(x))}, {sides[1]} {tuple(shape(y))}"
         for k, x, y in pairs

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ._checks import first, keys
+from ._names import first, keys
 
 # What a peft tuner layer or training wrapper's state is read from, on every swap.
 _STATE = operator.attrgetter("merged_adapters", "_disable_adapters", "_active_adapter")
@@ -189,30 +189,48 @@ class Held:
         now.update(self._under)
         self._under = {}
 
+    @staticmethod
+    def swapped(params) -> str | None:
+        """Which of ``params`` are swapped in right now, and by whom (a sentence fragment), or
+        None: the common case, one dict truth test."""
+        now = Held._now
+        if not now:
+            return None
+        hits = [now[id(p)] for p in params if id(p) in now and now[id(p)][0]() is p]
+        if not hits:
+            return None
+        holders = {id(h.holder): h.holder for _, _, h in hits}.values()
+        names = [n for _, n, _ in hits]
+        return f"parameter(s) {keys(names, 4)} are swapped in by {', '.join(map(str, holders))}"
+
+    @staticmethod
+    def refuse_reads(fn: str, params) -> None:
+        """Refuse to read the values of ``params`` while any is swapped in: they would be the
+        reference's, not the policy's (a tracker's figures, a new snapshot or baseline)."""
+        why = Held.swapped(params)
+        if why is not None:
+            raise RuntimeError(
+                f"{fn}: {why}, so this would read the reference's values, not the policy's. "
+                "Nothing was read or changed: call it outside `with snap:` (or after restore)."
+            )
+
 
 def _refuse_swapped_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    now = Held._now
-    if not now:  # the common case: nothing swapped anywhere
+    if not Held._now:  # the common case: nothing swapped anywhere
         return
-    hits = [
-        now[id(p)]
-        for group in optimizer.param_groups
-        for p in group["params"]
-        if id(p) in now and now[id(p)][0]() is p
-    ]
-    if hits:
-        names = sorted(n for _, n, _ in hits)
-        holders = {id(h.holder): h.holder for _, _, h in hits}.values()
-        raise RuntimeError(
-            f"{type(optimizer).__name__}.step(): parameter(s) {keys(names, 4)} are swapped in "
-            f"by {', '.join(map(str, holders))}, so the step would write into the reference "
-            "(pointer mode) or be thrown away at the exit (copy mode). Nothing was written, "
-            "and the optimizer's state did not move. Step the optimizer after the swap leaves "
-            "(outside `with snap:`, or after restore)."
-        )
+    why = Held.swapped(p for group in optimizer.param_groups for p in group["params"])
+    if why is not None:
+        raise RuntimeError(f"{type(optimizer).__name__}.step(): {why}" + _STEP_REFUSED)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
+_STEP_REFUSED = (
+    ", so the step would write into the reference (pointer mode) or be thrown away at the "
+    "exit (copy mode). Nothing was written, and the optimizer's state did not move. Step the "
+    "optimizer after the swap leaves (outside `with snap:`, or after restore)."
+)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
     """``t`` viewed as integers of its width, so that NaNs and -0.0 compare exactly."""
     if t.is_floating_point() and t.element_size() in _INTS:
         return t.view(_INTS[t.element_size()])
@@ -227,7 +245,7 @@ def changed(names: list[str], values: list[torch.Tensor], copies: list[torch.Ten
     return [
         n
         for n, v, c in zip(names, values, copies, strict=True)
-        if not torch.equal(_bits(v.cpu()), _bits(c))
+        if not torch.equal(bits(v.cpu()), bits(c))
     ]
 
 

@@ -13,7 +13,7 @@ from ._adapter import LoadReport, read_adapter
 from ._binding import Binding
 from ._buffers import pack, packer, stage
 from ._checks import StateDict, check_alpha, keys, trainable
-from ._guards import changed, write_error
+from ._guards import Held, changed, write_error
 from ._saving import save
 from ._state import soft_update_
 from ._swap import Mode, bind, check_mode, plan
@@ -235,20 +235,23 @@ class LoraReferenceSnapshot:
                 through while swapped in (only ``alpha=1``, a re-take, mends that).
             ValueError, TypeError: a bad ``alpha``, or a ``model`` that does not match.
         """
-        fn = "LoraReferenceSnapshot.update_"
+        self._mix("LoraReferenceSnapshot.update_", model, alpha)
+
+    def refresh(self, model: nn.Module) -> None:
+        """Re-take the snapshot from ``model``'s current weights, in place (a hard reference
+        sync, TRL's ``ref_model_sync_steps`` with ``alpha=1``); checks as :meth:`update_`."""
+        self._mix("LoraReferenceSnapshot.refresh", model, 1.0)
+
+    def _mix(self, fn: str, model: nn.Module, alpha: float) -> None:
         check_alpha(fn, alpha)
         if self.active:
             raise RuntimeError(f"{fn}: the snapshot is entered; update it outside `with snap:`")
         if alpha != 1.0:
             self._check_intact(fn)
         bound = bind(fn, model, self._state, "snapshot")
+        Held.refuse_reads(fn, [p for _, p, _ in bound])
         soft_update_(self._state, {name: sharding.local(p) for name, p, _ in bound}, alpha)
         self._spoiled = []
-
-    def refresh(self, model: nn.Module) -> None:
-        """Re-take the snapshot from ``model``'s current weights, in place (a hard reference
-        sync, TRL's ``ref_model_sync_steps`` with ``alpha=1``); checks as :meth:`update_`."""
-        self.update_(model, 1.0)
 
     def _check_intact(self, fn: str) -> None:
         if self._spoiled:

@@ -12,6 +12,7 @@ from ._binding import Binding
 from ._buffers import copy_all, pack
 from ._checks import check_shapes, keys, trainable
 from ._delta import DeltaPlan
+from ._guards import Held
 from ._report import DeltaReport, delta_report
 
 
@@ -52,18 +53,19 @@ class WeightDeltaTracker:
         self._binding = Binding(model, list(self._before))
         self._plan = None  # made on the first delta()
 
-    def _bound(self) -> Binding:
+    def _bound(self, fn: str) -> Binding:
         # The plan holds views of the parameters' storage: make both again if anything moved.
         sharding.reshard(self._binding.fsdp)  # FSDP2 registers its sharded parameters again
         if not self._binding.current():
             live = sharding.named_parameters(self._model)
             self._binding = Binding(self._model, [n for n in self._before if n in live])
             self._plan = None
+        Held.refuse_reads(fn, self._binding.params)
         return self._binding
 
     def delta(self) -> tuple[float, float]:
         """``(l2, max_abs)`` of the live trainable weights minus the snapshot."""
-        self._bound()
+        self._bound("WeightDeltaTracker.delta")
         if self._plan is None:
             befores = [self._before[n] for n in self._binding.names]
             self._plan = DeltaPlan(befores, self._binding.params)
@@ -74,14 +76,14 @@ class WeightDeltaTracker:
         :func:`delta_report`). Call it before ``optimizer.zero_grad()`` so the gradients can
         tell the causes apart. ``print()`` it for a table; ``.rows`` / ``.to_dict()`` for code.
         """
-        binding = self._bound()
+        binding = self._bound("WeightDeltaTracker.report")
         before = {n: self._before[n] for n in binding.names}
         return delta_report(before, dict(zip(binding.names, binding.params, strict=True)))
 
     def reset(self) -> None:
         """Take the snapshot again, now, in place (same tensors, no new memory): ``delta()``
         then measures from here."""
-        binding = self._bound()
+        binding = self._bound("WeightDeltaTracker.reset")
         befores = [self._before[n] for n in binding.names]
         copy_all(befores, [sharding.local(p) for p in binding.params])
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ._names import keys
+
 
 def is_zero3(param: torch.Tensor) -> bool:
     return getattr(param, "ds_tensor", None) is not None and hasattr(param, "ds_id")
@@ -74,8 +76,6 @@ def release(named: list[tuple[str, torch.Tensor]], *, refuse: bool) -> None:
         return
     busy = [n for n, p in held if p.ds_status.name == "INFLIGHT" or getattr(p, _GATHERED, 0)]
     if refuse and busy:
-        from ._checks import keys
-
         raise ValueError(
             f"parameter(s) {keys(busy)} are gathered by deepspeed.zero.GatheredParameters (or "
             "in flight): the forward would read the gathered values, not the ones the swap "
