@@ -452,6 +452,142 @@ def _zero3(out: Path, **zero) -> dict:
     return {"delta": got, "partitioned": sum(not p.ds_persist for p in trainable)}
 
 
+def _same_partitions(a, b, what: str) -> None:
+    ours, theirs = capture_trainable(a), capture_trainable(b)
+    assert all(torch.equal(bits(v), bits(theirs[n])) for n, v in ours.items()), what
+
+
+def _master(engine) -> list[torch.Tensor]:
+    """The ZeRO optimizer's fp32 master partitions and its torch optimizer's state, copied."""
+    inner = engine.optimizer.optimizer
+    masters = [p for g in inner.param_groups for p in g["params"]]
+    state = [t for p in masters for t in inner.state.get(p, {}).values() if torch.is_tensor(t)]
+    return [t.detach().clone() for t in masters + state]
+
+
+def _loss(out) -> torch.Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), TOKENS.reshape(-1))
+
+
+def _step_inside_the_swap_is_refused(engine, twin, snap) -> None:
+    """engine.step() inside `with snap:` is refused before it writes; where it belongs, the
+    step is a twin's, bit for bit."""
+    engine.backward(_loss(engine(TOKENS).logits))
+    twin.backward(_loss(twin(TOKENS).logits))
+    master, before = _master(engine), capture_trainable(engine.module)
+    try:
+        with snap:
+            engine.step()
+        raise AssertionError("engine.step() inside the swap was accepted")
+    except RuntimeError as e:
+        assert "engine.step()" in str(e) and "swapped in by" in str(e), e
+    assert all(torch.equal(a, b) for a, b in zip(master, _master(engine), strict=True))
+    assert all(torch.equal(v, capture_trainable(engine.module)[n]) for n, v in before.items())
+    engine.step()
+    twin.step()
+    _same_partitions(engine.module, twin.module, "the refused step changed the next one")
+
+
+def zero12_step(out: Path) -> dict:
+    """ZeRO-1 and ZeRO-2: engine.step() inside the swap refused, the master copy untouched."""
+    for stage in (1, 2):
+        engine, twin = _engine(stage), _engine(stage)
+        _step_inside_the_swap_is_refused(engine, twin, LoraReferenceSnapshot(engine.module))
+    return {"stages": [1, 2]}
+
+
+def zero3_failures(out: Path) -> dict:
+    """ZeRO-3 as real runs live it, every parameter partitioned and a prefetch bucket small
+    enough that LoRA parameters are in flight between modules: the reference forward after a
+    no-grad policy forward, first after a step, and between forward and backward; a body that
+    raises mid-forward; engine.step() inside the swap. Against a twin engine that never swaps,
+    bit for bit."""
+    zero = dict(
+        stage3_param_persistence_threshold=0,
+        stage3_max_reuse_distance=0,
+        stage3_prefetch_bucket_size=200,
+    )
+    model = peft_model("linear", seed=2, r=R)
+    expected_ref = logits(model)
+    engine, twin = _engine(3, model, **zero), _engine(3, **zero)
+    snap = LoraReferenceSnapshot(model)
+    for _ in range(2):  # DeepSpeed records its trace, then prefetches by it
+        _engine_step(engine)
+        _engine_step(twin)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def reference() -> None:
+        with snap:
+            torch.testing.assert_close(logits(model), expected_ref, rtol=1e-6, atol=1e-6)
+        assert all(p.ds_status.name == "NOT_AVAILABLE" for p in trainable)
+
+    inflight = 0
+    for placement in ("after a no-grad forward", "first", "between"):
+        if placement == "after a no-grad forward":  # old log-probs: prefetches left in flight
+            with torch.no_grad():
+                engine(TOKENS)
+                twin(TOKENS)
+            inflight += sum(p.ds_status.name == "INFLIGHT" for p in trainable)
+        if placement != "between":
+            reference()
+        out_ = engine(TOKENS).logits
+        if placement == "between":
+            reference()
+        engine.backward(_loss(out_))
+        engine.step()
+        _engine_step(twin)
+        _same_partitions(model, twin.module, f"reference forward {placement}: step changed")
+    # A body that raises mid-forward (what an out-of-memory error does): the user's error comes
+    # through, the parameters are partitioned holding the live values, and the next forward and
+    # step are the twin's.
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj.lora_B["default"]
+
+    def oom(module, args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    hook = layer.register_forward_pre_hook(oom)
+    live = capture_trainable(model)
+    try:
+        with snap:
+            model(TOKENS)
+        raise AssertionError("the body's error was lost")
+    except RuntimeError as e:
+        assert "simulated" in str(e), e
+    finally:
+        hook.remove()
+    assert all(p.ds_status.name == "NOT_AVAILABLE" for p in trainable), "left gathered"
+    assert all(torch.equal(v, capture_trainable(model)[n]) for n, v in live.items())
+    _engine_step(engine)
+    _engine_step(twin)
+    _same_partitions(model, twin.module, "after a body that raised: step changed")
+    assert torch.equal(logits(model), logits(twin.module))
+    _step_inside_the_swap_is_refused(engine, twin, snap)
+    return {"inflight": inflight}
+
+
+def zero3_hpz(out: Path) -> dict:
+    """ZeRO++ hierarchical partitions: refused by every entry point, also after a step (when
+    DeepSpeed has dropped the secondary partitions)."""
+    engine = _engine(3, zero_hpz_partition_size=2, stage3_param_persistence_threshold=0)
+    _engine_step(engine)
+    model = engine.module
+    adapter_dir = out / f"ref-{dist.get_rank()}"
+    peft_model("linear", seed=3, r=R).save_pretrained(adapter_dir)
+    entries = {
+        "LoraReferenceSnapshot": lambda: LoraReferenceSnapshot(model),
+        "from_disk": lambda: LoraReferenceSnapshot.from_disk(model, adapter_dir),
+        "WeightDeltaTracker": lambda: WeightDeltaTracker(model),
+        "capture_trainable": lambda: capture_trainable(model),
+    }
+    for name, entry in entries.items():
+        try:
+            entry()
+            raise AssertionError(f"{name} accepted hpZ parameters")
+        except ValueError as e:
+            assert "hierarchical partitions" in str(e), e
+    return {"refused": sorted(entries)}
+
+
 def zero3(out: Path) -> dict:
     return _zero3(out)
 
@@ -541,6 +677,8 @@ def main() -> None:
     try:
         scenarios = {"fsdp2": fsdp2, "fsdp2_options": fsdp2_options, "ddp": ddp}
         scenarios |= {"zero2": zero2, "zero3": zero3, "zero3_partitioned": zero3_partitioned}
+        scenarios |= {"zero12_step": zero12_step, "zero3_failures": zero3_failures}
+        scenarios |= {"zero3_hpz": zero3_hpz}
         result = {**scenarios, "nccl": nccl, "offload": offload}[scenario](out)
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
         dist.barrier()  # no rank tears gloo down while another still talks to it

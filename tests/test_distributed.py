@@ -109,3 +109,25 @@ def test_deepspeed_zero3_reference_step_delta_and_save_on_partitions(tmp_path, s
     for rank in (0, 1):
         expected = torch.load(tmp_path / f"saved-ref-logits-{rank}.pt")
         torch.testing.assert_close(logits(loaded), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_deepspeed_engine_step_inside_the_swap_is_refused_under_zero1_and_zero2(tmp_path):
+    assert _run("zero12_step", tmp_path) == [{"stages": [1, 2]}] * 2
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_deepspeed_zero3_prefetches_a_body_that_raises_and_a_step_inside_give_a_twins_run(
+    tmp_path,
+):
+    rank0, rank1 = _run("zero3_failures", tmp_path)
+    assert rank0["inflight"] > 0 and rank1["inflight"] > 0, "no prefetch was in flight"
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_deepspeed_zero3_hierarchical_partitions_are_refused_at_every_entry(tmp_path):
+    rank0, rank1 = _run("zero3_hpz", tmp_path)
+    assert rank0 == rank1 and len(rank0["refused"]) == 4

@@ -65,7 +65,11 @@ def check_shapes(fn: str, pairs, sides: tuple[str, str] = ("before", "after")) -
 
 
 def check_alpha(fn: str, alpha: float) -> float:
-    """``alpha`` as a float in [0, 1], or a TypeError / ValueError naming ``fn``."""
+    """``alpha`` as a float in [0, 1], or a TypeError / ValueError naming ``fn``.
+
+    >>> check_alpha("update_", 1)
+    1.0
+    """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"{fn}: alpha must be a number in [0, 1], got {alpha!r}")
     if not 0.0 <= alpha <= 1.0:  # NaN fails this too

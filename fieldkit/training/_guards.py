@@ -31,6 +31,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ._names import first, keys
+from ._zero import optimizers as zero_optimizers
 
 # What a peft tuner layer or training wrapper's state is read from, on every swap.
 _STATE = operator.attrgetter("merged_adapters", "_disable_adapters", "_active_adapter")
@@ -166,6 +167,11 @@ class Held:
         }
         self._under: dict = {}
         self.holder: object = None
+        # DeepSpeed's ZeRO optimizers step torch optimizers over their own fp32 master
+        # partitions, which the step hook cannot tie to these parameters: their own step() is
+        # refused instead, while the parameters are held, before it touches anything.
+        self._zero = zero_optimizers(params)
+        self._shadowed: list = []
         if not Held._hooked:  # installed once, for every optimizer of the process
             register_optimizer_step_pre_hook(_refuse_swapped_step)
             Held._hooked = True
@@ -181,6 +187,9 @@ class Held:
             else {k: now[k] for k in self._entries if k in now}
         )
         now.update(self._entries)
+        for optimizer in self._zero:  # an instance attribute, gone at release
+            self._shadowed.append((optimizer, optimizer.__dict__.get("step")))
+            optimizer.step = functools.partial(_refuse_zero_step, self, optimizer)
 
     def release(self) -> None:
         now = Held._now
@@ -188,6 +197,12 @@ class Held:
             now.pop(key, None)
         now.update(self._under)
         self._under = {}
+        for optimizer, outer in reversed(self._shadowed):
+            if outer is None:
+                optimizer.__dict__.pop("step", None)
+            else:  # a nested swap: the outer one's refusal comes back
+                optimizer.step = outer
+        self._shadowed = []
 
     @staticmethod
     def swapped(params) -> str | None:
@@ -221,6 +236,14 @@ def _refuse_swapped_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None
     why = Held.swapped(p for group in optimizer.param_groups for p in group["params"])
     if why is not None:
         raise RuntimeError(f"{type(optimizer).__name__}.step(): {why}" + _STEP_REFUSED)
+
+
+def _refuse_zero_step(held: Held, optimizer: object, *args, **kwargs) -> None:
+    why = Held.swapped([ref() for ref, _, _ in held._entries.values()])
+    raise RuntimeError(
+        f"{type(optimizer).__name__}.step() (DeepSpeed's engine.step()): "
+        f"{why or 'its parameters are swapped in'}" + _STEP_REFUSED
+    )
 
 
 _STEP_REFUSED = (

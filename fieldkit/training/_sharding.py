@@ -79,10 +79,10 @@ def pieces(state: dict, params: dict) -> dict:
     return out
 
 
-def release(named: list[tuple[str, torch.Tensor]], *, refuse: bool) -> None:
+def release(named: list[tuple[str, torch.Tensor]], model: nn.Module, *, refuse: bool) -> None:
     """Around a swap: free what DeepSpeed ZeRO-3 keeps gathered (see ``_zero.release``)."""
     if named:
-        zero.release(named, refuse=refuse)
+        zero.release(named, model, refuse=refuse)
 
 
 def unusable(param: torch.Tensor) -> str | None:

@@ -143,7 +143,9 @@ class Swap:
         """
         self.check_readers()
         params, copied = self.params, self.copied
-        sharding.release(self.zero3, refuse=True)  # the forward must gather what is written
+        sharding.release(
+            self.zero3, self.model, refuse=True
+        )  # the forward must gather what is written
         join_default(self.cuda)
         datas = [sharding.local(p) for p in params]
         displaced = list(datas)
@@ -192,6 +194,9 @@ class Swap:
         params, copied = self.params, self.copied
         changed = [] if since is None else written(self.names, params, since)
         try:
+            # Before the writes: no gather of the reference (in flight, or left by a forward
+            # that raised) may outlive the swap, nor read a piece while it is written.
+            sharding.release(self.zero3, self.model, refuse=False)
             if copied:
                 shards = self._shards()
                 sharding.before_shard_writes(shards)
@@ -205,7 +210,6 @@ class Swap:
                     param.data = old
             forget_casts()
             rejoin_default(self.cuda)
-            sharding.release(self.zero3, refuse=False)  # nor keep the reference gathered
         finally:
             self.held.release()
         return changed
