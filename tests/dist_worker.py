@@ -63,12 +63,12 @@ def _step(model, reference=None) -> list[torch.Tensor]:
     return _grads(model)
 
 
-def _shard(model, device: str = "cpu", **options) -> None:
+def _shard(model, device: str = "cpu", per_layer: bool = True, **options) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device, (dist.get_world_size(),))
-    for layer in model.base_model.model.model.layers:
+    for layer in model.base_model.model.model.layers if per_layer else []:
         fully_shard(layer, mesh=mesh, **options)
     fully_shard(model, mesh=mesh, **options)
 
@@ -221,6 +221,92 @@ def fsdp2_options(out: Path) -> dict:
             plain, between = _step(model), _step(model, snap)
             assert all(torch.equal(a, b) for a, b in zip(plain, between, strict=True)), name
     return {"options": sorted(options)}
+
+
+def _groups(model) -> list:
+    return [g for m in sharding.fsdp_modules(model) for g in m._get_fsdp_state()._fsdp_param_groups]
+
+
+def fsdp2_failures(out: Path) -> dict:
+    """FSDP2 as real runs live it, in every layout: a body that raises mid-forward (an error,
+    a KeyboardInterrupt) leaves no unsharded copy, and the next forward and step are those of
+    a twin that raised the same way without a swap, bit for bit; a tracker made before
+    fully_shard measures the shards; save_pretrained works whatever FSDP2 holds unsharded, and
+    a failed write on rank 0 is an error on every rank."""
+    layouts = {
+        "root-only": dict(per_layer=False),
+        "per-layer": {},
+        "no-reshard": dict(reshard_after_forward=False),
+        "reshard-to-1": dict(reshard_after_forward=1),
+    }
+    for layout, options in layouts.items():
+        model, twin = peft_model("linear", seed=2, r=R), peft_model("linear", seed=2, r=R)
+        start = capture_trainable(model)
+        early = WeightDeltaTracker(model)  # before fully_shard, as a Trainer makes it
+        reference = peft_model("linear", seed=3, r=R)
+        for m in (model, twin, reference):
+            _shard(m, **options)
+        expected_ref = logits(reference)
+        snap = LoraReferenceSnapshot(model, snapshot=capture_trainable(reference))
+        optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, twin)}
+
+        def step(m, optimizers=optimizers) -> None:
+            optimizers[id(m)].zero_grad(set_to_none=True)
+            _loss(m(TOKENS).logits).backward()
+            optimizers[id(m)].step()
+
+        step(model)
+        step(twin)
+        for error in (RuntimeError("CUDA out of memory (simulated)"), KeyboardInterrupt()):
+
+            def fail(module, args, error=error):
+                raise error
+
+            hooks = [
+                m.base_model.model.model.layers[1]
+                .self_attn.q_proj.lora_B["default"]
+                .register_forward_pre_hook(fail)
+                for m in (model, twin)
+            ]
+            try:
+                with snap:
+                    model(TOKENS)
+                raise AssertionError("the body's error was lost")
+            except type(error):
+                pass
+            try:
+                with torch.no_grad():
+                    twin(TOKENS)  # the same failure, without a swap
+            except type(error):
+                pass
+            for hook in hooks:
+                hook.remove()
+            assert all(g.is_sharded for g in _groups(model)), f"{layout}: an unsharded copy"
+            assert torch.equal(logits(model), logits(twin)), f"{layout}: not the policy"
+            step(model)
+            step(twin)
+            _same_partitions(model, twin, f"{layout}: the step after a failed body changed")
+        with snap:
+            assert torch.equal(logits(model), expected_ref), f"{layout}: not the reference"
+        now = {n: model.get_parameter(n).full_tensor() for n in start}
+        got, want = early.delta(), weight_delta(start, now)
+        assert math.isclose(got[0], want[0], rel_tol=1e-6) and got[1] == want[1], (got, want)
+        # Saving while FSDP2 holds the LoRA parameters unsharded (after a forward).
+        model(TOKENS)
+        saved = snap.save_pretrained(out / f"saved-{layout}")
+        again = LoraReferenceSnapshot.from_disk(model, saved, strict=True)
+        assert all(torch.equal(bits(again.state[n]), bits(v)) for n, v in snap.state.items())
+    # A write that fails on rank 0 fails on every rank, with no rank left waiting.
+    blocker = out / "a-file"
+    if dist.get_rank() == 0:
+        blocker.write_text("not a directory")
+    dist.barrier()
+    try:
+        snap.save_pretrained(blocker / "saved")
+        raise AssertionError("a failed write was not reported")
+    except (OSError, RuntimeError) as e:
+        assert dist.get_rank() == 0 or "rank 0 could not write" in str(e), e
+    return {"layouts": sorted(layouts)}
 
 
 def _random_shardings(rank: int, cases: int = 6) -> list:
@@ -676,6 +762,7 @@ def main() -> None:
         dist.init_process_group("nccl" if scenario in ("nccl", "offload") else "gloo")
     try:
         scenarios = {"fsdp2": fsdp2, "fsdp2_options": fsdp2_options, "ddp": ddp}
+        scenarios |= {"fsdp2_failures": fsdp2_failures}
         scenarios |= {"zero2": zero2, "zero3": zero3, "zero3_partitioned": zero3_partitioned}
         scenarios |= {"zero12_step": zero12_step, "zero3_failures": zero3_failures}
         scenarios |= {"zero3_hpz": zero3_hpz}

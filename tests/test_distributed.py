@@ -77,6 +77,12 @@ def test_fsdp2_with_bf16_mixed_precision_or_no_reshard_gives_the_reference_bit_f
 
 
 @pytest.mark.slow
+def test_fsdp2_a_body_that_raises_an_early_tracker_and_saving_while_unsharded(tmp_path):
+    rank0, rank1 = _run("fsdp2_failures", tmp_path)
+    assert rank0 == rank1 and len(rank0["layouts"]) == 4
+
+
+@pytest.mark.slow
 def test_ddp_works_as_on_one_device_and_fsdp1_is_refused(tmp_path):
     rank0, rank1 = _run("ddp", tmp_path)
     assert rank0["delta"] == rank1["delta"] and rank0["delta"][0] > 0

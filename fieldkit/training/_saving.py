@@ -25,37 +25,52 @@ def save(
     directory: str | os.PathLike,
 ) -> str:
     """Write ``state`` (values of ``params`` of ``model``, by ``names``) as one whole adapter
-    (:func:`adapter_files`, :func:`write_atomically`); returns the directory's absolute path.
-    Sharded (FSDP2) values are this rank's shards: every rank gathers the whole tensors (a
-    collective), rank 0 writes, and every rank waits for it."""
+    (:func:`adapter_keys`, :func:`write_atomically`); returns the directory's absolute path.
+    Sharded (FSDP2, ZeRO-3) values are this rank's pieces: every rank gathers the whole tensors
+    (a collective), rank 0 writes, and every rank learns whether it could: an error there is
+    an error on every rank, never a hang."""
+    key_of, config = adapter_keys(model, list(state))  # the same answer on every rank
     if not any(map(sharding.is_sharded, params)):
-        return write_atomically(directory, *adapter_files(model, state))
+        tensors = {key_of[n]: v.detach().contiguous().clone() for n, v in state.items()}
+        return write_atomically(directory, tensors, config)
     by_name = dict(zip(names, params, strict=True))
-    whole = {n: sharding.gather(by_name[n], v) for n, v in state.items()}
+    whole = {key_of[n]: sharding.gather(by_name[n], v) for n, v in state.items()}
     path = os.path.abspath(os.fspath(directory))
+    failure: Exception | None = None
     if torch.distributed.get_rank() == 0:
-        write_atomically(path, *adapter_files(model, whole))
-    torch.distributed.barrier()
+        try:
+            write_atomically(path, whole, config)
+        except Exception as e:  # told to every rank below, then raised here
+            failure = e
+    failed = torch.tensor([failure is not None], dtype=torch.int32)
+    failed = failed.to(sharding.reduce_device((None,), failed.device))
+    torch.distributed.all_reduce(failed, torch.distributed.ReduceOp.MAX)  # also the barrier
+    if failure is not None:
+        raise failure
+    if failed.item():
+        raise RuntimeError(
+            f"save_pretrained: rank 0 could not write {path!r} (its error says why); nothing "
+            "was written."
+        )
     return path
 
 
-def adapter_files(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[dict, dict | None]:
-    """What a saved adapter holds for ``state``: ``(tensors, config)``. For a peft model, the
-    tensors under peft's own file keys (the map :func:`load_adapter_dict` reads, reversed)
-    and the live adapter's config; otherwise the tensors by live name and no config."""
-    tensors = {n: v.detach().contiguous().clone() for n, v in state.items()}
+def adapter_keys(model: nn.Module, names: list[str]) -> tuple[dict[str, str], object | None]:
+    """How a saved adapter keys the parameters ``names``, and its config: for a peft model,
+    peft's own file keys (the map :func:`load_adapter_dict` reads, reversed) and the live
+    adapter's config; otherwise the live names and no config."""
     if not is_peft(model):
-        return tensors, None
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    live = model.state_dict(keep_vars=True)
+        return {n: n for n in names}, None
+    live = model.state_dict(keep_vars=True)  # FSDP2 reshards under this: walk the names after
+    name_of = {id(p): n for n, p in sharding.named_parameters(model).items()}
     for adapter, config in model.peft_config.items():
         file_key = {
             name_of[id(v)]: k
             for k, v in file_keys(model, adapter, live).items()
             if id(v) in name_of
         }
-        if all(n in file_key for n in state):
-            return {file_key[n]: v for n, v in tensors.items()}, config
+        if all(n in file_key for n in names):
+            return {n: file_key[n] for n in names}, config
     raise ValueError(
         "save_pretrained: the snapshot's tensors do not all belong to one adapter of the model "
         f"({keys(model.peft_config)}); a peft adapter directory holds one adapter."

@@ -110,14 +110,14 @@ def unusable(param: torch.Tensor) -> str | None:
     return None
 
 
-def check_still(sharded: bool, model: nn.Module) -> None:
-    """Refuse a snapshot of the sharded model on the model unsharded again (its pieces cannot
-    make whole tensors). The other way, a snapshot taken before ``fully_shard`` or
-    ``deepspeed.initialize``, is cut to this rank's pieces (:func:`cut`)."""
+def check_still(sharded: bool, model: nn.Module, who: str = "LoraReferenceSnapshot") -> None:
+    """Refuse a snapshot (or a tracker's start) of the sharded model on the model unsharded
+    again (its pieces cannot make whole tensors). The other way, one taken before
+    ``fully_shard`` or ``deepspeed.initialize``, is cut to this rank's pieces (:func:`cut`)."""
     if sharded and not any(is_sharded(p) for p in model.parameters()):
         raise ValueError(
-            "LoraReferenceSnapshot: the snapshot was taken on the sharded model, and the model "
-            "is unsharded now: take a new snapshot. Nothing was changed."
+            f"{who}: it was made on the sharded model, and the model is unsharded now: make a "
+            "new one. Nothing was changed."
         )
 
 
@@ -179,13 +179,18 @@ def reshard(modules: list[nn.Module]) -> None:
     """Free FSDP2's unsharded parameters and register the sharded ones again (after a forward
     FSDP2 keeps the root's unsharded until backward); it all-gathers them when next needed.
     An all-gather still pending (``unshard(async_op=True)``, a prefetch that never ran) is
-    landed and dropped first: ``reshard()`` keeps it, and the next forward would use it."""
+    landed and dropped first: ``reshard()`` keeps it, and the next forward would use it. Each
+    group goes all the way to its sharded state, also where ``reshard()`` would not: a forward
+    that raised leaves groups in their forward state, where it keeps the unsharded (root,
+    ``reshard_after_forward=False``) or post-forward (an int) copies."""
     for module in modules:
         state = module._get_fsdp_state()
         one = getattr(state, "_fsdp_param_group", None)  # older torch: one group per module
         for group in getattr(state, "_fsdp_param_groups", [one] if one is not None else []):
             if getattr(group, "_all_gather_result", None) is not None:
                 group.wait_for_unshard()
+            if hasattr(group, "_to_sharded"):
+                group._to_sharded()  # a no-op where the group is sharded already
         module.reshard()
 
 

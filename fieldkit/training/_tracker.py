@@ -57,8 +57,15 @@ class WeightDeltaTracker:
         # The plan holds views of the parameters' storage: make both again if anything moved.
         sharding.reshard(self._binding.fsdp)  # FSDP2 registers its sharded parameters again
         if not self._binding.current():
+            sharding.check_still(any(self._binding.sharded), self._model, type(self).__name__)
             live = sharding.named_parameters(self._model)
-            self._binding = Binding(self._model, [n for n in self._before if n in live])
+            names = [n for n in self._before if n in live]
+            # Made before fully_shard, deepspeed.initialize or accelerate's prepare: each rank
+            # measures its pieces against its pieces of the "before" tensors.
+            cut = sharding.pieces({n: self._before[n] for n in names}, live)
+            self._before.update((n, v.clone()) for n, v in cut.items() if v is not self._before[n])
+            check_shapes(fn, [(n, self._before[n], live[n]) for n in names], ("tracker", "model"))
+            self._binding = Binding(self._model, names)
             self._plan = None
         Held.refuse_reads(fn, self._binding.params)
         return self._binding
