@@ -44,7 +44,13 @@ import torch
 import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
+DEPS = ROOT / ".gpu-deps"
+"""A git-ignored folder of packages the GPU machine lacks (DeepSpeed and its pure-Python
+dependencies), which travels with the working tree when present; make it here with
+``pip install --target .gpu-deps --no-deps deepspeed hjson py-cpuinfo msgpack ninja einops
+pydantic pydantic-core annotated-types typing-inspection``, for the GPU machine's Python."""
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
+sys.path += [str(DEPS)] if DEPS.is_dir() else []  # after the machine's own packages
 
 import swap_bench as bench  # noqa: E402
 from helpers import count_syncs, peft_model, perturb  # noqa: E402
@@ -74,7 +80,10 @@ def run_tests(out: Path) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
     cmd += ["tests/test_gpu.py", f"--junitxml={xml}"]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ)
+    if DEPS.is_dir():  # the tests' worker processes inherit it too
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(DEPS)]))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     result = {"command": " ".join(cmd[1:]), "exit_code": proc.returncode, "tests": []}
     if xml.is_file():
         for case in ET.parse(xml).getroot().iter("testcase"):

@@ -29,6 +29,7 @@ from fieldkit.training import (
 )
 from fieldkit.training import _sharding as sharding
 
+DEVICE = "cpu"  # "cuda" for the gpu_* scenarios: the same scenario on one GPU over NCCL
 R = 3  # LoRA rank 3: lora_A is (3, 16), split 2 + 1 over two ranks (uneven shards)
 
 
@@ -203,9 +204,9 @@ def fsdp2_options(out: Path) -> dict:
         "no-reshard": dict(reshard_after_forward=False),
     }
     for name, option in options.items():
-        model, reference = peft_model("linear", seed=2, r=R), peft_model("linear", seed=3, r=R)
-        _shard(model, **option)
-        _shard(reference, **option)
+        model, reference = (peft_model("linear", seed=s, r=R).to(DEVICE) for s in (2, 3))
+        _shard(model, DEVICE, **option)
+        _shard(reference, DEVICE, **option)
         expected = logits(reference)
         for mode in ("pointer", "copy"):
             snap = LoraReferenceSnapshot(model, snapshot=capture_trainable(reference), mode=mode)
@@ -240,12 +241,11 @@ def fsdp2_failures(out: Path) -> dict:
         "reshard-to-1": dict(reshard_after_forward=1),
     }
     for layout, options in layouts.items():
-        model, twin = peft_model("linear", seed=2, r=R), peft_model("linear", seed=2, r=R)
+        model, twin, reference = (peft_model("linear", seed=s, r=R).to(DEVICE) for s in (2, 2, 3))
         start = capture_trainable(model)
         early = WeightDeltaTracker(model)  # before fully_shard, as a Trainer makes it
-        reference = peft_model("linear", seed=3, r=R)
         for m in (model, twin, reference):
-            _shard(m, **options)
+            _shard(m, DEVICE, **options)
         expected_ref = logits(reference)
         snap = LoraReferenceSnapshot(model, snapshot=capture_trainable(reference))
         optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, twin)}
@@ -288,7 +288,7 @@ def fsdp2_failures(out: Path) -> dict:
             _same_partitions(model, twin, f"{layout}: the step after a failed body changed")
         with snap:
             assert torch.equal(logits(model), expected_ref), f"{layout}: not the reference"
-        now = {n: model.get_parameter(n).full_tensor() for n in start}
+        now = {n: model.get_parameter(n).full_tensor().cpu() for n in start}
         got, want = early.delta(), weight_delta(start, now)
         assert math.isclose(got[0], want[0], rel_tol=1e-6) and got[1] == want[1], (got, want)
         # Saving while FSDP2 holds the LoRA parameters unsharded (after a forward).
@@ -593,9 +593,9 @@ def zero3_failures(out: Path) -> dict:
         stage3_max_reuse_distance=0,
         stage3_prefetch_bucket_size=200,
     )
-    model = peft_model("linear", seed=2, r=R)
+    engine, twin = _engine(3, **zero), _engine(3, **zero)
+    model = engine.module
     expected_ref = logits(model)
-    engine, twin = _engine(3, model, **zero), _engine(3, **zero)
     snap = LoraReferenceSnapshot(model)
     for _ in range(2):  # DeepSpeed records its trace, then prefetches by it
         _engine_step(engine)
@@ -753,13 +753,19 @@ def offload(out: Path) -> dict:
 
 
 def main() -> None:
+    global DEVICE, TOKENS
     scenario, out = sys.argv[1], Path(sys.argv[2])
+    if scenario.startswith("gpu_"):  # the CPU scenario, on this rank's GPU over NCCL
+        scenario, DEVICE = scenario.removeprefix("gpu_"), "cuda"
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        TOKENS = TOKENS.cuda()
+    backend = "nccl" if DEVICE == "cuda" or scenario in ("nccl", "offload") else "gloo"
     if scenario.startswith("zero"):
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend=backend)
     else:
-        dist.init_process_group("nccl" if scenario in ("nccl", "offload") else "gloo")
+        dist.init_process_group(backend)
     try:
         scenarios = {"fsdp2": fsdp2, "fsdp2_options": fsdp2_options, "ddp": ddp}
         scenarios |= {"fsdp2_failures": fsdp2_failures}

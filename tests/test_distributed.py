@@ -26,13 +26,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(scenario: str, out: Path, timeout: int = 300) -> list[dict]:
-    """Start both ranks; a hang fails the test after ``timeout`` seconds instead of stalling."""
+def _run(scenario: str, out: Path, timeout: int = 300, world: int = 2) -> list[dict]:
+    """Start the ranks; a hang fails the test after ``timeout`` seconds instead of stalling."""
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": "2",
+        "WORLD_SIZE": str(world),
     }
     procs = [
         subprocess.Popen(
@@ -42,7 +42,7 @@ def _run(scenario: str, out: Path, timeout: int = 300) -> list[dict]:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for rank in range(2)
+        for rank in range(world)
     ]
     logs = []
     try:
@@ -54,7 +54,7 @@ def _run(scenario: str, out: Path, timeout: int = 300) -> list[dict]:
         pytest.fail(f"{scenario}: the ranks did not finish in {timeout} s (a hang?)")
     for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
         assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ a reference. Each holds a stream with ``torch.cuda._sleep`` (a side stream, wher
 stream's own order would hide the bug) so that a missing wait shows every time, not by chance.
 Skipped, saying why, where there is no GPU (or fewer than two)."""
 
+import importlib.util
 import math
 
 import pytest
@@ -315,3 +316,34 @@ def test_fsdp2_with_cpu_offload_on_nccl_keeps_the_reference_and_reduces_on_the_g
 
     results = _run("offload", tmp_path)
     assert results[0] == results[1]
+
+
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not importable here (gpu_check.py adds a .gpu-deps folder if present)",
+)
+
+
+def test_fsdp2_on_one_gpu_a_body_that_raises_an_early_tracker_and_saving_while_unsharded(
+    tmp_path,
+):
+    """The gloo scenario on one GPU over NCCL (a world of one), every layout: after a body
+    that raises no unsharded copy is left and the next forward and step are a twin's."""
+    from test_distributed import _run
+
+    assert len(_run("gpu_fsdp2_failures", tmp_path, world=1)[0]["layouts"]) == 4
+
+
+def test_fsdp2_on_one_gpu_with_bf16_mixed_precision_or_no_reshard_is_bit_exact(tmp_path):
+    from test_distributed import _run
+
+    assert _run("gpu_fsdp2_options", tmp_path, world=1) == [{"options": ["bf16", "no-reshard"]}]
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_on_one_gpu_prefetches_a_body_that_raises_and_a_step_inside(tmp_path):
+    """ZeRO-3 on one GPU over NCCL: DeepSpeed prefetches on its own stream; the swap lands
+    those gathers before it writes or releases, at entry and at exit."""
+    from test_distributed import _run
+
+    _run("gpu_zero3_failures", tmp_path, world=1)
