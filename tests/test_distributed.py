@@ -137,3 +137,15 @@ def test_deepspeed_zero3_prefetches_a_body_that_raises_and_a_step_inside_give_a_
 def test_deepspeed_zero3_hierarchical_partitions_are_refused_at_every_entry(tmp_path):
     rank0, rank1 = _run("zero3_hpz", tmp_path)
     assert rank0 == rank1 and len(rank0["refused"]) == 4
+
+
+def test_a_zero3_rank_whose_piece_is_all_padding_cuts_nothing_past_the_end(monkeypatch):
+    """Three ranks, a one-element tensor: rank 2's padded piece starts past the end."""
+    from types import SimpleNamespace
+
+    from fieldkit.training import _zero
+
+    monkeypatch.setattr(_zero.dist, "get_rank", lambda group=None: 2)
+    param = SimpleNamespace(ds_tensor=torch.empty(1), ds_numel=1, ds_process_group=None)
+    assert _zero.span(param) == (1, 0)
+    assert _zero.cut(param, torch.tensor([5.0])).numel() == 0
