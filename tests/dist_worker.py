@@ -225,7 +225,12 @@ def fsdp2_options(out: Path) -> dict:
 
 
 def _groups(model) -> list:
-    return [g for m in sharding.fsdp_modules(model) for g in m._get_fsdp_state()._fsdp_param_groups]
+    """Every FSDP2 parameter group of ``model`` (torch < 2.8: one per module)."""
+    states = [m._get_fsdp_state() for m in sharding.fsdp_modules(model)]
+    one = [[s._fsdp_param_group] if getattr(s, "_fsdp_param_group", None) else [] for s in states]
+    return [
+        g for s, o in zip(states, one, strict=True) for g in getattr(s, "_fsdp_param_groups", o)
+    ]
 
 
 def fsdp2_failures(out: Path) -> dict:
