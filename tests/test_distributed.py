@@ -26,7 +26,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(scenario: str, out: Path, timeout: int = 300, world: int = 2) -> list[dict]:
+def _run(
+    scenario: str, out: Path, timeout: int = 300, world: int = 2, worker: Path = WORKER
+) -> list[dict]:
     """Start the ranks; a hang fails the test after ``timeout`` seconds instead of stalling."""
     env = {
         **os.environ,
@@ -36,7 +38,7 @@ def _run(scenario: str, out: Path, timeout: int = 300, world: int = 2) -> list[d
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), scenario, str(out)],
+            [sys.executable, str(worker), scenario, str(out)],
             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

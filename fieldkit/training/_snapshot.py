@@ -202,9 +202,9 @@ class LoraReferenceSnapshot:
         Returns:
             The directory's absolute path.
 
-        Under FSDP2 each rank holds a shard: it is a collective then, which every rank must
-        call. The shards are gathered and rank 0 writes one whole adapter, readable by peft and
-        by :meth:`from_disk` on any number of ranks (each reads its own shard of it).
+        Under FSDP2 and ZeRO-3 each rank holds a piece: it is a collective then, which every
+        rank must call. The pieces are gathered and rank 0 writes one whole adapter, readable
+        by peft and by :meth:`from_disk` on any number of ranks (each reads its own piece).
 
         Raises:
             RuntimeError: the snapshot is entered, or was written through while swapped in.
@@ -214,6 +214,7 @@ class LoraReferenceSnapshot:
         if self.active:
             raise RuntimeError(f"{fn}: the snapshot is entered; save it outside `with snap:`")
         self._check_intact(fn)
+        self._rebound()
         return save(self._model, self._swap.names, self._swap.params, self._state, directory)
 
     def __reduce__(self):
@@ -248,10 +249,20 @@ class LoraReferenceSnapshot:
             raise RuntimeError(f"{fn}: the snapshot is entered; update it outside `with snap:`")
         if alpha != 1.0:
             self._check_intact(fn)
+        if model is self._model:
+            self._rebound()
         bound = bind(fn, model, self._state, "snapshot")
         Held.refuse_reads(fn, [p for _, p, _ in bound])
         soft_update_(self._state, {name: sharding.local(p) for name, p, _ in bound}, alpha)
         self._spoiled = []
+
+    def _rebound(self) -> None:
+        """Bind again, checking everything, where the model changed since the last use; a
+        snapshot taken before the model was sharded (a ``Trainer`` shards it inside
+        ``train()``) is cut to this rank's pieces here, at its first use of any kind."""
+        sharding.reshard(self._binding.fsdp)  # FSDP2 registers its sharded parameters again
+        if not self._binding.current():
+            self._take(self._state)
 
     def _check_intact(self, fn: str) -> None:
         if self._spoiled:
@@ -279,9 +290,7 @@ class LoraReferenceSnapshot:
                     "Leave the outer `with snap:` block first."
                 )
             self._check_intact("LoraReferenceSnapshot")
-            sharding.reshard(self._binding.fsdp)  # FSDP2 registers its sharded parameters again
-            if not self._binding.current():  # the model changed since: check it all again
-                self._take(self._state)
+            self._rebound()
             if self._stash is None:
                 self._stash = self._swap.stash()
             copies = [v.clone() for v in self._values] if self.check_writes else None

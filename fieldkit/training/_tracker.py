@@ -53,7 +53,7 @@ class WeightDeltaTracker:
         self._binding = Binding(model, list(self._before))
         self._plan = None  # made on the first delta()
 
-    def _bound(self, fn: str) -> Binding:
+    def _bound(self, fn: str, *, read: bool = True) -> Binding:
         # The plan holds views of the parameters' storage: make both again if anything moved.
         sharding.reshard(self._binding.fsdp)  # FSDP2 registers its sharded parameters again
         if not self._binding.current():
@@ -67,7 +67,8 @@ class WeightDeltaTracker:
             check_shapes(fn, [(n, self._before[n], live[n]) for n in names], ("tracker", "model"))
             self._binding = Binding(self._model, names)
             self._plan = None
-        Held.refuse_reads(fn, self._binding.params)
+        if read:
+            Held.refuse_reads(fn, self._binding.params)
         return self._binding
 
     def delta(self) -> tuple[float, float]:
@@ -94,19 +95,35 @@ class WeightDeltaTracker:
         befores = [self._before[n] for n in binding.names]
         copy_all(befores, [sharding.local(p) for p in binding.params])
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, *, whole: bool = False) -> dict[str, torch.Tensor]:
         """The starting point, ``{name: CPU tensor}`` (copies): save it (e.g. with safetensors)
-        so that "since the start" survives a restart; :meth:`load_state_dict` takes it back."""
-        return {n: v.clone() for n, v in self._before.items()}
+        so that "since the start" survives a restart; :meth:`load_state_dict` takes it back.
+
+        Sharded (FSDP2, ZeRO-3), each rank holds its pieces; ``whole=True`` gathers them into
+        whole tensors (a collective then: every rank must call it), which
+        :meth:`load_state_dict` cuts back to each rank's pieces, on any number of ranks."""
+        if not whole:
+            return {n: v.clone() for n, v in self._before.items()}
+        binding = self._bound("WeightDeltaTracker.state_dict", read=False)
+        params = dict(zip(binding.names, binding.params, strict=True))
+        return {
+            n: sharding.gather(params[n], v) if n in params else v.clone()
+            for n, v in self._before.items()
+        }
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Measure from ``state`` (a :meth:`state_dict`, saved before a restart) instead of the
         weights at construction: in place, every name checked before anything is written.
 
+        Whole tensors of sharded parameters (``state_dict(whole=True)``) are cut to this
+        rank's pieces first.
+
         Raises:
             ValueError: names the tracker does not hold, missing names, or shape mismatches.
         """
         fn = "WeightDeltaTracker.load_state_dict"
+        binding = self._bound(fn, read=False)
+        state = sharding.pieces(dict(state), dict(zip(binding.names, binding.params, strict=True)))
         unexpected = [k for k in state if k not in self._before]
         missing = [k for k in self._before if k not in state]
         if unexpected or missing:

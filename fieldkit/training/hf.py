@@ -17,6 +17,7 @@ try:
 except ModuleNotFoundError as e:  # exercised in a subprocess by the import tests
     raise missing("fieldkit.training.hf", e.name or "torch") from None
 
+from . import _sharding as sharding
 from ._adapter import read_adapter
 from ._buffers import host_empty
 from ._checks import check_alpha
@@ -64,17 +65,24 @@ class WeightDeltaCallback(TrainerCallback):
         self._since_log: WeightDeltaTracker | None = None
         self._since_step: WeightDeltaTracker | None = None
         self._resumed = False
+        self._told_skip = False
 
     def on_save(self, args, state, control, **kwargs):
-        if self._start is not None and args.should_save:
+        if self._start is None:
+            return
+        # Whole tensors, gathered by every rank where the model is sharded; cut to each rank's
+        # pieces again at resume (on any number of ranks).
+        if args.should_save or _sharded(self._start._model):
             from safetensors.torch import save_file
 
             tensors = {
                 f"{part}/{n}": v
                 for part, tracker in self._saved_trackers()
-                for n, v in tracker.state_dict().items()
+                for n, v in tracker.state_dict(whole=True).items()
             }
-            save_file(tensors, _fieldkit_dir(args, state, make=True) / "weight_delta.safetensors")
+            if args.should_save:
+                path = _fieldkit_dir(args, state, make=True) / "weight_delta.safetensors"
+                save_file(tensors, path)
 
     def on_step_begin(self, args, state, control, **kwargs):
         # Trainer loads a resumed run's state after on_train_begin: the first step knows it.
@@ -110,15 +118,30 @@ class WeightDeltaCallback(TrainerCallback):
         self._since_log = WeightDeltaTracker(model)
         self._since_step = WeightDeltaTracker(model) if self.check_steps else None
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         tracker = self._since_step
         if tracker is None or not len(tracker):
+            return
+        # accelerate's optimizer (DeepSpeed's too) says when it skipped a step on an fp16
+        # overflow: nothing moved, rightly. Say so once; the check waits for a real step.
+        if getattr(optimizer, "step_was_skipped", False):
+            if not self._told_skip:
+                self._told_skip = True
+                warnings.warn(
+                    f"WeightDeltaCallback: optimizer step {state.global_step + 1} was skipped "
+                    "(a gradient overflow under fp16 loss scaling, common in the first steps); "
+                    "skipped steps are not checked, and the check stays armed for the next "
+                    "step that is taken.",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return
         _, max_abs = tracker.delta()
         if max_abs == 0.0:
             warnings.warn(
                 f"WeightDeltaCallback: optimizer step {state.global_step + 1} moved none of the "
-                f"{len(tracker)} trainable tensors. {tracker.report().diagnosis()}",
+                f"{len(tracker)} trainable tensors (a step the optimizer skipped without "
+                f"saying so would read the same). {tracker.report().diagnosis()}",
                 UserWarning,
                 stacklevel=2,
             )
@@ -175,8 +198,9 @@ class ReferenceSyncCallback(TrainerCallback):
             self.snapshot.update_(model, self.alpha)
 
     def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            self.snapshot.save_pretrained(_fieldkit_dir(args, state, make=True) / "reference")
+        # A collective where the model is sharded (every rank gathers, rank 0 writes).
+        if args.should_save or _sharded(self.snapshot._model):
+            self.snapshot.save_pretrained(_fieldkit_dir(args, state) / "reference")
 
     def on_step_begin(self, args, state, control, model: nn.Module = None, **kwargs):
         # Trainer loads a resumed run's state after on_train_begin: the first step knows it.
@@ -185,6 +209,7 @@ class ReferenceSyncCallback(TrainerCallback):
         self._resumed = True
         path = _resumed_from(args, state, "reference", "ReferenceSyncCallback")
         if path is not None:
+            self.snapshot._rebound()  # taken before train(): cut to this rank's pieces first
             # Read unpinned (no second pinned adapter) and written in place, bit for bit, through
             # the write path that waits for copies still reading the snapshot.
             saved, _, _ = read_adapter(
@@ -196,6 +221,11 @@ class ReferenceSyncCallback(TrainerCallback):
                 into=lambda likes: [host_empty(like, pin=False) for like in likes],
             )
             soft_update_(self.snapshot.state, saved, 1.0)
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether saving ``model``'s state is a collective (FSDP2, ZeRO-3 pieces on each rank)."""
+    return any(map(sharding.is_sharded, model.parameters()))
 
 
 def _fieldkit_dir(args, state, *, make: bool = False) -> Path:
