@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -312,6 +313,29 @@ def fsdp2_failures(out: Path) -> dict:
     except (OSError, RuntimeError) as e:
         assert dist.get_rank() == 0 or "rank 0 could not write" in str(e), e
     return {"layouts": sorted(layouts)}
+
+
+def one_rank_saves(out: Path) -> dict:
+    """save_pretrained of a sharded snapshot called on rank 0 only: an error naming the
+    mistake (gloo can tell), not a hang or a peer's "connection reset"."""
+    from datetime import timedelta
+
+    sharding.AGREE_TIMEOUT = timedelta(seconds=3)
+    model = peft_model("linear", seed=2, r=R)
+    _shard(model)
+    snap = LoraReferenceSnapshot(model)
+    said = ""
+    if dist.get_rank() == 0:
+        try:
+            snap.save_pretrained(out / "saved")
+            raise AssertionError("a save on one rank was accepted")
+        except RuntimeError as e:
+            said = str(e)
+            assert "every rank must call it" in said, said
+    else:
+        time.sleep(2 * sharding.AGREE_TIMEOUT.total_seconds())  # past rank 0's wait
+    assert not (out / "saved").exists()
+    return {"refused": dist.get_rank() == 0 and bool(said)}
 
 
 def _random_shardings(rank: int, cases: int = 6) -> list:
@@ -773,13 +797,14 @@ def main() -> None:
         dist.init_process_group(backend)
     try:
         scenarios = {"fsdp2": fsdp2, "fsdp2_options": fsdp2_options, "ddp": ddp}
-        scenarios |= {"fsdp2_failures": fsdp2_failures}
+        scenarios |= {"fsdp2_failures": fsdp2_failures, "one_rank_saves": one_rank_saves}
         scenarios |= {"zero2": zero2, "zero3": zero3, "zero3_partitioned": zero3_partitioned}
         scenarios |= {"zero12_step": zero12_step, "zero3_failures": zero3_failures}
         scenarios |= {"zero3_hpz": zero3_hpz}
         result = {**scenarios, "nccl": nccl, "offload": offload}[scenario](out)
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
-        dist.barrier()  # no rank tears gloo down while another still talks to it
+        if scenario != "one_rank_saves":  # there gloo has closed the pair, as it does
+            dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -85,6 +85,12 @@ def test_fsdp2_a_body_that_raises_an_early_tracker_and_saving_while_unsharded(tm
 
 
 @pytest.mark.slow
+def test_a_sharded_save_called_on_one_rank_only_is_an_error_naming_the_mistake(tmp_path):
+    rank0, rank1 = _run("one_rank_saves", tmp_path, timeout=120)
+    assert rank0 == {"refused": True} and rank1 == {"refused": False}
+
+
+@pytest.mark.slow
 def test_ddp_works_as_on_one_device_and_fsdp1_is_refused(tmp_path):
     rank0, rank1 = _run("ddp", tmp_path)
     assert rank0["delta"] == rank1["delta"] and rank0["delta"][0] > 0

@@ -33,6 +33,7 @@ def save(
     if not any(map(sharding.is_sharded, params)):
         tensors = {key_of[n]: v.detach().contiguous().clone() for n, v in state.items()}
         return write_atomically(directory, tensors, config)
+    sharding.agree("save_pretrained")
     by_name = dict(zip(names, params, strict=True))
     whole = {key_of[n]: sharding.gather(by_name[n], v) for n, v in state.items()}
     path = os.path.abspath(os.fspath(directory))

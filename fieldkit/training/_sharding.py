@@ -17,6 +17,8 @@ global sums, and what is refused.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 from torch import nn
 
@@ -207,6 +209,29 @@ def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
                 seen.add(id(param))
                 params[f"{prefix}.{name}" if prefix else name] = param
     return params
+
+
+AGREE_TIMEOUT = timedelta(seconds=300)
+"""How long :func:`agree` waits for the other ranks (a checkpoint's collectives have already
+lined them up by then)."""
+
+
+def agree(fn: str) -> None:
+    """Before a collective that only some code paths reach (saving): check that every rank of
+    the default group called it, where the backend can tell (gloo's ``monitored_barrier``), so
+    that a call on one rank only is an error naming the mistake, not a peer's "collective
+    mismatch" or "connection reset". Elsewhere (NCCL) it does nothing."""
+    dist = torch.distributed
+    if dist.get_backend() != "gloo":
+        return
+    try:
+        dist.monitored_barrier(timeout=AGREE_TIMEOUT)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{fn}: this is a collective under sharding (FSDP2, ZeRO-3), so every rank must "
+            f"call it, and not every rank did within {AGREE_TIMEOUT.total_seconds():g} s "
+            f"({e}). Call it on every rank, not under `if rank == 0:`; rank 0 alone writes."
+        ) from None
 
 
 def reduce_device(over: tuple, device: torch.device) -> torch.device:
