@@ -7,6 +7,7 @@ reference are the same adapter at step 1)."""
 
 import functools
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -58,8 +59,9 @@ def _reward(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-def _trainer(kind, tmp_path, *, targets=EMBEDDING, **options):
-    """A real TRL trainer of ``kind`` over a fresh policy."""
+def _trainer(kind, tmp_path, *, targets=EMBEDDING, with_eval=False, **options):
+    """A real TRL trainer of ``kind`` over a fresh policy (DPO and KTO: ``with_eval``, the
+    training data as an eval dataset too)."""
     common = {**COMMON, "output_dir": str(tmp_path / kind), **options}
     if kind in ("grpo", "rloo"):
         config = (trl.GRPOConfig if kind == "grpo" else trl.RLOOConfig)(
@@ -95,6 +97,7 @@ def _trainer(kind, tmp_path, *, targets=EMBEDDING, **options):
         model=_policy(targets),
         args=config,
         train_dataset=Dataset.from_dict(data),
+        eval_dataset=Dataset.from_dict(data) if with_eval else None,
         processing_class=word_tokenizer(),
     )
 
@@ -237,11 +240,61 @@ def test_a_soft_reference_through_reference_sync_callback_inside_trl(tmp_path):
     assert any(not torch.equal(v, start[k]) for k, v in snap.state.items())
 
 
+PRECOMPUTED = {"dpo": ("ref_chosen_logps", "ref_rejected_logps"), "kto": ("ref_logps",)}
+
+
+@pytest.mark.parametrize("kind", sorted(PRECOMPUTED))
+def test_precomputed_reference_log_probs_come_from_the_snapshot(kind, tmp_path, trl_can_train):
+    """precompute_ref_log_probs=True: every precomputed value, train and eval, is the
+    snapshot's forward (TRL's own, with its 'ref' copy missing the embedding LoRA, is not), and
+    the first step sees the reference equal to the policy."""
+    trl_can_train(kind)
+    options = dict(precompute_ref_log_probs=True, with_eval=True)
+    theirs = _trainer(kind, tmp_path / "theirs", **options)
+    trainer = _trainer(kind, tmp_path / "ours", **options)
+    snap = use_snapshot_reference(trainer)
+    assert list(trainer.model.peft_config) == ["default"]
+    for split in ("train_dataset", "eval_dataset"):
+        ours, own = getattr(trainer, split), getattr(theirs, split)
+        plain = ours.remove_columns(list(PRECOMPUTED[kind]))
+        loader = torch.utils.data.DataLoader(plain, batch_size=2, collate_fn=trainer.data_collator)
+        by_hand = [
+            torch.cat(values)
+            for values in zip(
+                *(trainer.compute_ref_log_probs(trainer.ref_model, b) for b in loader),
+                strict=False,
+            )
+        ]
+        for column, expected in zip(PRECOMPUTED[kind], by_hand, strict=False):
+            assert torch.equal(torch.tensor(ours[column]), expected), (split, column)
+            assert not torch.equal(torch.tensor(own[column]), expected), (split, column)
+    assert trainer.ref_model.snapshot is snap
+    step1 = _train(trainer)[0]
+    for key in ZERO_AT_STEP_1[kind]:
+        assert step1[key] == 0.0, (key, step1[key])
+    if kind == "dpo":
+        assert step1["loss"] == pytest.approx(math.log(2), abs=1e-4)  # 4.x logs 4 digits
+    assert _train(theirs)[0][ZERO_AT_STEP_1[kind][0]] != 0.0
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_beta_0_attaches_nothing_says_so_and_trains_as_trls_own(kind, tmp_path):
+    """A beta sweep that includes 0 (TRL 1.16's GRPO default): no reference forward there."""
+    timing = {"step_time"}
+    theirs = [
+        {k: v for k, v in h.items() if k not in timing}
+        for h in _train(_trainer(kind, tmp_path / "theirs", beta=0.0, max_steps=2))
+    ]
+    trainer = _trainer(kind, tmp_path / "ours", beta=0.0, max_steps=2)  # seeded as theirs
+    adapters, ref_model = list(trainer.model.peft_config), trainer.ref_model
+    with pytest.warns(UserWarning, match=rf"{kind.upper()}Trainer with beta=0 .* no snapshot"):
+        assert use_snapshot_reference(trainer) is None
+    assert list(trainer.model.peft_config) == adapters and trainer.ref_model is ref_model
+    ours = [{k: v for k, v in h.items() if k not in timing} for h in _train(trainer)]
+    assert ours == theirs
+
+
 def test_refusals_name_the_problem(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="beta=0"):
-        use_snapshot_reference(_trainer("grpo", tmp_path, beta=0.0))
-    with pytest.raises(ValueError, match="precompute_ref_log_probs=True"):
-        use_snapshot_reference(_trainer("dpo", tmp_path, precompute_ref_log_probs=True))
     trainer = _trainer("grpo", tmp_path)
     with pytest.raises(TypeError, match="another model"):
         use_snapshot_reference(trainer, LoraReferenceSnapshot(_policy()))
@@ -283,22 +336,42 @@ def test_importing_fieldkit_training_never_imports_trl():
 
 # Two ranks of accelerate + DeepSpeed ZeRO-3 or accelerate's FSDP2 plugin, as TRL runs them:
 # accelerate prepares the model inside train(), after use_snapshot_reference took the snapshot
-# of the whole model. The engine's options come as JSON in argv[1].
+# of the whole model. The kind and the engine's options come as JSON in argv[1]; each run says
+# how many of the trained model's parameters are sharded (DTensors, or ZeRO-3 partitions).
 _SHARDED = """
 import json, sys, tempfile
 from pathlib import Path
 import test_trl as T
+from fieldkit.training import _sharding
 from fieldkit.training.trl import use_snapshot_reference
-options = json.loads(sys.argv[1])
-kl = {}
+kind, options = json.loads(sys.argv[1])
+out = {}
 for snap in (False, True):
-    trainer = T._trainer("grpo", Path(tempfile.mkdtemp()), **options)
+    trainer = T._trainer(kind, Path(tempfile.mkdtemp()), **options)
+    T._force_fsdp(trainer)
     if snap:
         use_snapshot_reference(trainer)
-    kl["snapshot" if snap else "trl"] = T._train(trainer)[0]["kl"]
+    metric = T.ZERO_AT_STEP_1[kind][-1]
+    name = "snapshot" if snap else "trl"
+    out[name] = T._train(trainer)[0][metric]
+    out[name + "_sharded"] = sum(map(_sharding.is_sharded, trainer.model.parameters()))
     print("TRL's own trainer ran", flush=True)  # what failed, if something does, was ours
-print(json.dumps(kl))
+print(json.dumps(out))
 """
+
+
+def _force_fsdp(trainer) -> None:
+    """accelerate never picks FSDP on CPU ranks: tell it, as a GPU run would have it (its
+    real FSDP2 prepare then runs inside train())."""
+    if trainer.args.fsdp_plugin_args is None:
+        return
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = AcceleratorState()
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
 
 
 ENGINES = {
@@ -314,8 +387,13 @@ ENGINES = {
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(ZERO_AT_STEP_1))
 @pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_grpo_sharded_on_two_ranks_gives_exactly_zero_kl_at_step_1(engine):
+def test_every_trainer_sharded_on_two_ranks_gives_the_snapshot_as_reference(engine, kind):
+    """Each of the four trainers on two gloo ranks, really sharded (asserted on every rank):
+    the step-1 figure that is 0 when the reference is the policy is exactly 0 with the
+    snapshot, on both ranks; TRL's own path beside it is not (its copy misses the embedding
+    LoRA)."""
     import json
     import socket
 
@@ -329,7 +407,7 @@ def test_grpo_sharded_on_two_ranks_gives_exactly_zero_kl_at_step_1(engine):
     env |= {"MASTER_PORT": str(port), "TQDM_DISABLE": "1"}
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", _SHARDED, json.dumps(ENGINES[engine])],
+            [sys.executable, "-c", _SHARDED, json.dumps([kind, ENGINES[engine]])],
             cwd=Path(__file__).parent,
             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
             stdout=subprocess.PIPE,
@@ -346,9 +424,10 @@ def test_grpo_sharded_on_two_ranks_gives_exactly_zero_kl_at_step_1(engine):
     for p, (out, err) in zip(ranks, outputs, strict=True):
         if p.returncode and "TRL's own trainer ran" not in out:
             why = err.strip().splitlines()[-1] if err.strip() else "no output"
-            pytest.skip(f"TRL's own {engine} trainer cannot run here, without fieldkit: {why}")
+            pytest.skip(f"TRL's own {kind} trainer under {engine} cannot run here: {why}")
         assert p.returncode == 0, err[-3000:]
-    kls = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-    assert kls[0] == kls[1], kls  # the global figure, on both ranks
-    assert kls[0]["snapshot"] == 0.0, kls
-    assert kls[0]["trl"] != 0.0, kls  # TRL's own "ref" adapter misses the embedding LoRA
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert results[0] == results[1], results  # the global figure, on both ranks
+    assert results[0]["trl_sharded"] > 0 and results[0]["snapshot_sharded"] > 0, results
+    assert results[0]["snapshot"] == 0.0, results
+    assert results[0]["trl"] != 0.0, results  # TRL's own "ref" adapter misses the embedding LoRA

@@ -14,9 +14,13 @@ this trainer only, to a plain callable that runs the trainer's own model inside
 
 from __future__ import annotations
 
+import hashlib
+import warnings
+
 from . import missing
 
 try:
+    import torch
     import trl
     from torch import nn
 except ModuleNotFoundError as e:  # exercised in a subprocess by the import tests
@@ -28,6 +32,11 @@ SUPPORTED_TRL = ((1, 16),)
 """The TRL releases (major, minor) whose reference path this module was read and tested on."""
 
 _TRAINERS = ("GRPOTrainer", "DPOTrainer", "RLOOTrainer", "KTOTrainer")
+_PRECOMPUTED = {
+    "DPOTrainer": ("ref_chosen_logps", "ref_rejected_logps"),
+    "KTOTrainer": ("ref_logps", "ref_KL_logps"),
+}
+"""The dataset columns where TRL keeps precomputed reference log-probs."""
 
 
 class SnapshotReference:
@@ -48,7 +57,7 @@ class SnapshotReference:
 
 def use_snapshot_reference(
     trainer, snapshot: LoraReferenceSnapshot | None = None
-) -> LoraReferenceSnapshot:
+) -> LoraReferenceSnapshot | None:
     """Make ``trainer`` compute its reference with ``snapshot``, swapped into its own model.
 
     Every reference forward TRL makes then runs the policy model inside ``with snapshot:``
@@ -65,16 +74,23 @@ def use_snapshot_reference(
             With a :class:`~fieldkit.training.hf.ReferenceSyncCallback` on the trainer it is
             a soft (TR-DPO) reference, which TRL refuses for PEFT models.
 
+    With ``precompute_ref_log_probs=True`` (DPO, KTO), TRL has already computed the reference
+    log-probs in ``__init__``, its own way; they are computed again here, through TRL's own
+    precompute (same batches, collator and cache, keyed to this snapshot), for the train and
+    eval datasets, and ``evaluate()`` on a new eval dataset computes them the same way. Where
+    TRL makes no reference forward at all (``beta=0`` for GRPO and RLOO, the default of TRL
+    1.16's GRPO), nothing is attached: a ``UserWarning`` names the trainer and the option,
+    training runs as TRL's own would, and ``None`` is returned.
+
     Returns:
-        The snapshot in use.
+        The snapshot in use, or ``None`` where the trainer uses no reference.
 
     Raises:
         TypeError: a model that is not a ``peft.PeftModel``, a trainer type this does not know,
             or a snapshot of another model.
-        ValueError: an option under which a swapped reference cannot work:
-            ``precompute_ref_log_probs=True`` (DPO and KTO compute the reference in
-            ``__init__``, before this could attach), ``beta=0`` (GRPO and RLOO use no
-            reference then), or a ``ref_model`` already given to the trainer.
+        ValueError: a ``ref_model`` already given to the trainer, or precomputed log-probs
+            under DeepSpeed (TRL computes them through an inference engine of its own, before
+            DeepSpeed prepares the model, which a swap into the model would not reach).
         RuntimeError: a TRL release other than the ones in ``SUPPORTED_TRL``.
 
     >>> callable(use_snapshot_reference)
@@ -105,13 +121,22 @@ def use_snapshot_reference(
             "LoRA snapshot reference needs the adapter on a PeftModel."
         )
     args = trainer.args
-    if getattr(args, "precompute_ref_log_probs", False):
-        raise ValueError(
-            f"{fn}: precompute_ref_log_probs=True: {kind} computed the reference log-probs in "
-            "__init__, before a snapshot could be attached. Set it to False."
-        )
     if kind in ("GRPOTrainer", "RLOOTrainer") and getattr(args, "beta", None) == 0.0:
-        raise ValueError(f"{fn}: beta=0: {kind} uses no reference then; nothing to attach to.")
+        warnings.warn(
+            f"{fn}: {kind} with beta=0 makes no reference forward, so no snapshot is attached "
+            "and the trainer is left as TRL made it.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return None
+    precompute = kind in _PRECOMPUTED and getattr(args, "precompute_ref_log_probs", False)
+    if precompute and trainer.is_deepspeed_enabled:
+        raise ValueError(
+            f"{fn}: precompute_ref_log_probs=True under DeepSpeed: {kind} computes the reference "
+            "log-probs through a DeepSpeed inference engine of its own, before DeepSpeed "
+            "prepares the model, which a snapshot swapped into the model would not reach. Set "
+            "it to False (the snapshot then serves each reference forward during training)."
+        )
     current = trainer.ref_model
     if current is not None and not isinstance(current, SnapshotReference):
         raise ValueError(
@@ -128,4 +153,41 @@ def use_snapshot_reference(
     if snapshot is None:
         snapshot = LoraReferenceSnapshot(model)
     trainer.ref_model = SnapshotReference(model, snapshot)
+    if precompute:
+        _precompute_again(trainer, kind, snapshot)
     return snapshot
+
+
+def _precompute_again(trainer, kind: str, snapshot: LoraReferenceSnapshot) -> None:
+    """Replace the reference log-probs TRL precomputed in ``__init__`` with the snapshot's,
+    through TRL's own ``_precompute_ref_logps`` (which runs ``trainer.ref_model``, now the
+    snapshot), its cache keyed to the snapshot's bytes so that TRL's own values are not reused."""
+    from datasets.fingerprint import Hasher
+
+    trainer._precompute_model_hash = Hasher.hash(
+        (trainer._precompute_model_hash, "fieldkit", _digest(snapshot))
+    )
+    args, columns = trainer.args, _PRECOMPUTED[kind]
+
+    def again(dataset, name: str, batch_size: int):
+        dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
+        return trainer._precompute_ref_logps(dataset, name, batch_size)
+
+    batch = args.precompute_ref_batch_size
+    trainer.train_dataset = again(
+        trainer.train_dataset, "train", batch or args.per_device_train_batch_size
+    )
+    evals, size = trainer.eval_dataset, batch or args.per_device_eval_batch_size
+    if isinstance(evals, dict):
+        trainer.eval_dataset = {name: again(d, name, size) for name, d in evals.items()}
+    elif evals is not None:
+        trainer.eval_dataset = again(evals, "eval", size)
+
+
+def _digest(snapshot: LoraReferenceSnapshot) -> str:
+    """A hash of the snapshot's names and bytes."""
+    h = hashlib.sha256()
+    for name, value in snapshot.state.items():
+        h.update(name.encode())
+        h.update(value.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
