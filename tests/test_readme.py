@@ -86,8 +86,20 @@ def _trl_namespace(tmp_path):
         save_strategy="no",
         disable_tqdm=True,
     )
+    dpo_args = trl.DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        max_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    pairs = {"prompt": ["w1 w2", "w3"], "chosen": [" w4", " w5 w6"], "rejected": [" w7", " w8"]}
     return {
         "grpo_args": grpo_args,
+        "dpo_args": dpo_args,
+        "pairs": Dataset.from_dict(pairs),
         "prompts": Dataset.from_dict({"prompt": ["w1 w2", "w3 w4"]}),
         "tokenizer": word_tokenizer(),
         "reward": lambda completions, **kwargs: [float(len(c)) for c in completions],

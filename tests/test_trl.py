@@ -59,9 +59,12 @@ def _reward(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-def _trainer(kind, tmp_path, *, targets=EMBEDDING, with_eval=False, **options):
-    """A real TRL trainer of ``kind`` over a fresh policy (DPO and KTO: ``with_eval``, the
-    training data as an eval dataset too)."""
+def _trainer(kind, tmp_path, *, targets=EMBEDDING, with_eval=False, model=None, **options):
+    """A real TRL trainer of ``kind`` over a fresh policy, or over ``model`` (a name, with
+    ``peft_config`` among the options); DPO and KTO ``with_eval``: the training data as an
+    eval dataset too."""
+    peft_config = options.pop("peft_config", None)
+    model = _policy(targets) if model is None else model
     common = {**COMMON, "output_dir": str(tmp_path / kind), **options}
     if kind in ("grpo", "rloo"):
         config = (trl.GRPOConfig if kind == "grpo" else trl.RLOOConfig)(
@@ -73,11 +76,12 @@ def _trainer(kind, tmp_path, *, targets=EMBEDDING, with_eval=False, **options):
         )
         cls = trl.GRPOTrainer if kind == "grpo" else trl.RLOOTrainer
         return cls(
-            model=_policy(targets),
+            model=model,
             reward_funcs=_reward,
             args=config,
             train_dataset=Dataset.from_dict(PROMPTS),
             processing_class=word_tokenizer(),
+            peft_config=peft_config,
         )
     if kind == "dpo":
         data = {
@@ -94,11 +98,12 @@ def _trainer(kind, tmp_path, *, targets=EMBEDDING, with_eval=False, **options):
         }
         config, cls = trl.KTOConfig(per_device_train_batch_size=4, **common), trl.KTOTrainer
     return cls(
-        model=_policy(targets),
+        model=model,
         args=config,
         train_dataset=Dataset.from_dict(data),
         eval_dataset=Dataset.from_dict(data) if with_eval else None,
         processing_class=word_tokenizer(),
+        peft_config=peft_config,
     )
 
 
@@ -238,6 +243,100 @@ def test_a_soft_reference_through_reference_sync_callback_inside_trl(tmp_path):
     live = dict(trainer.model.named_parameters())
     assert all(torch.equal(v, live[k].detach()) for k, v in snap.state.items())
     assert any(not torch.equal(v, start[k]) for k, v in snap.state.items())
+
+
+# The option matrix: per trainer, the options people set (TRL 1.16), each one at a time.
+GRPO_LOSSES = ["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
+DPO_LOSSES = [
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]  # fmt: skip
+COMMON_OPTIONS = {
+    "gradient checkpointing": {"gradient_checkpointing": True},
+    "bf16": {"bf16": True},
+}
+OPTIONS = {
+    "grpo": {
+        **COMMON_OPTIONS,
+        "num_iterations=2": {"num_iterations": 2},
+        **{f"loss {t}": {"loss_type": t} for t in GRPO_LOSSES},
+    },
+    "rloo": {**COMMON_OPTIONS, "num_iterations=2": {"num_iterations": 2}},
+    "dpo": {
+        **COMMON_OPTIONS,
+        "padding_free": {"padding_free": True},
+        **{f"loss {t}": {"loss_type": [t]} for t in DPO_LOSSES},
+        "loss exo_pair": {"loss_type": ["exo_pair"], "label_smoothing": 1e-3},  # EXO needs it
+    },
+    "kto": {
+        **COMMON_OPTIONS,
+        **{f"loss {t}": {"loss_type": t} for t in ("kto", "apo_zero_unpaired")},
+    },
+}
+MATRIX = [(kind, name) for kind, options in OPTIONS.items() for name in options]
+
+
+def _logged(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "step_time"} for h in history]
+
+
+def _own_run_fails(kind: str, tmp_path, **options) -> str | None:
+    """Why TRL's own trainer cannot take a step with ``options`` here (no fieldkit in it)."""
+    try:
+        return _logged(_train(_trainer(kind, tmp_path, **options))), None
+    except Exception as e:  # noqa: BLE001 - reported as the skip's reason
+        return None, f"TRL {trl.__version__}'s own {kind} trainer with {options}: {e!r}"[:300]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """The base model saved to a directory: what a user passes by name."""
+    base = base_model(0)
+    for config in (base.config, base.generation_config):
+        config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, 2
+    path = tmp_path_factory.mktemp("base")
+    base.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "option"), MATRIX)
+def test_the_option_matrix_by_name_with_a_fresh_adapter_equals_trls_own_run(
+    kind, option, tmp_path, base_dir
+):
+    """A model passed by name with model_init_kwargs and a peft_config: the adapter starts
+    equal to the base (peft's default init), so TRL's own reference (the adapter disabled) and
+    the snapshot compute the same: every logged figure of two steps, bit for bit."""
+    options = dict(
+        OPTIONS[kind][option],
+        model=base_dir,
+        model_init_kwargs={"dtype": torch.float32},
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=EMBEDDING),
+        max_steps=2,
+        learning_rate=1e-2,
+    )
+    theirs, why = _own_run_fails(kind, tmp_path / "theirs", **options)
+    if why is not None:
+        pytest.skip(why)
+    trainer = _trainer(kind, tmp_path / "ours", **options)
+    assert use_snapshot_reference(trainer) is not None
+    assert _logged(_train(trainer)) == theirs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "option"), MATRIX)
+def test_the_option_matrix_with_an_sft_adapter_gives_exactly_zero_at_step_1(kind, option, tmp_path):
+    """A PeftModel passed in, holding an SFT adapter with an embedding LoRA: with the snapshot
+    the step-1 figure that is 0 when the reference is the policy is exactly 0."""
+    options = OPTIONS[kind][option]
+    _, why = _own_run_fails(kind, tmp_path / "theirs", **options)
+    if why is not None:
+        pytest.skip(why)
+    trainer = _trainer(kind, tmp_path / "ours", **options)
+    use_snapshot_reference(trainer)
+    step1 = _train(trainer)[0]
+    for key in ZERO_AT_STEP_1[kind]:
+        assert step1[key] == 0.0, (key, step1[key])
 
 
 PRECOMPUTED = {"dpo": ("ref_chosen_logps", "ref_rejected_logps"), "kto": ("ref_logps",)}
