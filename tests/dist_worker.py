@@ -652,6 +652,11 @@ def zero3_failures(out: Path) -> dict:
         engine.step()
         _engine_step(twin)
         _same_partitions(model, twin.module, f"reference forward {placement}: step changed")
+    # Called as the TRL integration calls it (model.forward under ZeRO-3) the reference forward
+    # joins the step's prefetch trace: no step throws the trace away. (Called as model(...), a
+    # second root forward per step, a fresh engine throws it away at every backward.)
+    invalidations = {how: _reference_in_the_step(how, zero) for how in ("in_step", "call")}
+    assert invalidations["in_step"] == 0 < invalidations["call"], invalidations
     # A body that raises mid-forward (what an out-of-memory error does): the user's error comes
     # through, the parameters are partitioned holding the live values, and the next forward and
     # step are the twin's.
@@ -678,6 +683,39 @@ def zero3_failures(out: Path) -> dict:
     assert torch.equal(logits(model), logits(twin.module))
     _step_inside_the_swap_is_refused(engine, twin, snap)
     return {"inflight": inflight}
+
+
+def _reference_in_the_step(how: str, zero: dict) -> int:
+    """Trace invalidations in the last three of five steps of fresh engines with a reference
+    forward between the policy forward and backward, called ``in_step`` (as the TRL
+    integration does) or as ``model(...)``; each step checked against a twin that makes no
+    reference forward."""
+    from fieldkit.training.trl import in_step
+
+    engine, twin = _engine(3, **zero), _engine(3, **zero)
+    model = engine.module
+    expected_ref = logits(model)
+    snap = LoraReferenceSnapshot(model)
+    call = in_step(model) if how == "in_step" else model
+    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+    invalidate, count = coordinator._invalidate_trace, [0]
+
+    def counted():
+        count[0] += 1
+        invalidate()
+
+    coordinator._invalidate_trace = counted  # counted, not changed
+    for i in range(5):
+        out_ = engine(TOKENS).logits
+        with snap:
+            torch.testing.assert_close(call(TOKENS).logits, expected_ref, rtol=1e-6, atol=1e-6)
+        engine.backward(_loss(out_))
+        engine.step()
+        _engine_step(twin)
+        _same_partitions(model, twin.module, f"reference forward ({how}): step changed")
+        if i == 1:  # two steps record the step's pattern (after the forward above)
+            count[0] = 0
+    return count[0]
 
 
 def zero3_hpz(out: Path) -> dict:
