@@ -8,9 +8,9 @@ the reference runs in a fresh set of ranks:
 
 - ``none``: no reference forward (the floor);
 - ``fieldkit``: ``with snapshot:`` around the reference forward, between the policy forward and
-  backward (``fieldkit-first``: before the policy forward; ``fieldkit-in-step``: called as
-  :func:`fieldkit.training.trl.in_step` calls it, ``model.forward`` under ZeRO-3, so that the
-  reference forward joins the step's prefetch trace; what the TRL integration does);
+  backward (``fieldkit-first``: before the policy forward; ``fieldkit-in-step``, ZeRO-3 only:
+  called as ``model.forward(...)``, which keeps the reference forward inside the policy's step,
+  and DeepSpeed's prefetch trace with it);
 - ``trl-disabled``: TRL's path for a fresh adapter, the forward inside ``disable_adapter()``;
 - ``trl-ref-adapter``: TRL 1.16's path for a pre-trained adapter, a second adapter ``"ref"``
   (a copy of the policy's) made active around the forward (``use_adapter``);
@@ -189,9 +189,9 @@ def _rank(rank: int, world: int, port: int, engine: str, config: str, shape: dic
 
         coordinator._invalidate_trace = counted  # counted, not changed: the benchmark's probe
 
-    from fieldkit.training.trl import in_step
-
-    call = in_step(model)  # ZeRO-3: model.forward, in the step's prefetch trace
+    # ZeRO-3 starts a step in a pre-hook of the root module: called through ``forward`` the
+    # reference forward stays inside the policy's step (and its prefetch trace).
+    call = model.forward if engine.startswith("zero") else module
 
     def clock() -> float:
         if cuda:

@@ -652,11 +652,11 @@ def zero3_failures(out: Path) -> dict:
         engine.step()
         _engine_step(twin)
         _same_partitions(model, twin.module, f"reference forward {placement}: step changed")
-    # Called as the TRL integration calls it (model.forward under ZeRO-3) the reference forward
-    # joins the step's prefetch trace: no step throws the trace away. (Called as model(...), a
-    # second root forward per step, a fresh engine throws it away at every backward.)
-    invalidations = {how: _reference_in_the_step(how, zero) for how in ("in_step", "call")}
-    assert invalidations["in_step"] == 0 < invalidations["call"], invalidations
+    # Called as model.forward(...) between the policy forward and backward, the reference
+    # forward stays inside the policy's step: no step throws DeepSpeed's prefetch trace away.
+    # (Called as model(...), a second root forward per step, it is lost at every backward.)
+    invalidations = {how: _reference_in_the_step(how, zero) for how in ("forward", "call")}
+    assert invalidations["forward"] == 0 < invalidations["call"], invalidations
     # A body that raises mid-forward (what an out-of-memory error does): the user's error comes
     # through, the parameters are partitioned holding the live values, and the next forward and
     # step are the twin's.
@@ -687,16 +687,13 @@ def zero3_failures(out: Path) -> dict:
 
 def _reference_in_the_step(how: str, zero: dict) -> int:
     """Trace invalidations in the last three of five steps of fresh engines with a reference
-    forward between the policy forward and backward, called ``in_step`` (as the TRL
-    integration does) or as ``model(...)``; each step checked against a twin that makes no
-    reference forward."""
-    from fieldkit.training.trl import in_step
-
+    forward between the policy forward and backward, called as ``model.forward(...)`` or as
+    ``model(...)``; each step checked against a twin that makes no reference forward."""
     engine, twin = _engine(3, **zero), _engine(3, **zero)
     model = engine.module
     expected_ref = logits(model)
     snap = LoraReferenceSnapshot(model)
-    call = in_step(model) if how == "in_step" else model
+    call = model.forward if how == "forward" else model
     coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
     invalidate, count = coordinator._invalidate_trace, [0]
 

@@ -46,28 +46,13 @@ class SnapshotReference:
 
     def __init__(self, model: nn.Module, snapshot: LoraReferenceSnapshot):
         self.model, self.snapshot = model, snapshot
-        self._call = None  # chosen at the first call, when the engine has prepared the model
 
     def __call__(self, *args, **kwargs):
-        if self._call is None:
-            self._call = in_step(self.model)
         with self.snapshot:
-            return self._call(*args, **kwargs)
+            return self.model(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"SnapshotReference({self.snapshot!r})"
-
-
-def in_step(model: nn.Module):
-    """How to call ``model`` for a reference forward inside a training step: its ``forward``
-    under DeepSpeed ZeRO-3, else the model itself. ZeRO-3 starts a new step (and records or
-    follows its prefetch trace from there) in a pre-hook of the root module, so a second call
-    of the root per step makes the recorded trace the last forward alone, and every backward
-    then throws it away; through ``forward`` the root's hooks stay out of it (the root holds no
-    parameter of its own), and the reference forward joins the step's trace."""
-    from ._zero import is_zero3
-
-    return model.forward if any(map(is_zero3, model.parameters())) else model
 
 
 def use_snapshot_reference(
