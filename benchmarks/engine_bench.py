@@ -268,10 +268,11 @@ def _free_port() -> int:
 
 def measure(engine: str, config: str, shape: dict, args) -> list[dict]:
     """One fresh set of ranks for ``engine`` x ``config``: each rank's figures."""
-    # Forked from a parent that imported the libraries and ran no torch op: each set of ranks
-    # starts in a second instead of re-importing them.
+    # On the CPU forked from a parent that imported the libraries and ran no torch op: each set
+    # of ranks starts in a second instead of re-importing them. CUDA cannot be forked.
     rank_args = (args.world, _free_port(), engine, config, shape, args)
-    mp.start_processes(_rank, args=rank_args, nprocs=args.world, start_method="fork")
+    start = "spawn" if args.device == "cuda" else "fork"
+    mp.start_processes(_rank, args=rank_args, nprocs=args.world, start_method=start)
     files = [Path(args.scratch, f"{engine}-{config}-{r}.json") for r in range(args.world)]
     return [json.loads(f.read_text()) for f in files]
 

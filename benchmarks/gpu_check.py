@@ -6,7 +6,7 @@ safetensors and pytest (the GPU machine has no network)::
     PYTHONPATH=. python3 benchmarks/gpu_check.py            # writes $OUT/gpu_report.{md,json}
     PYTHONPATH=. python3 benchmarks/gpu_check.py --out DIR  # or ./gpu-check without $OUT
 
-It does four things, and says what it skipped and why:
+It does five things, and says what it skipped and why:
 
 1. runs every test marked ``gpu`` (``tests/test_gpu.py``) in a pytest subprocess; a test that
    needs what the machine lacks (a second GPU) skips, saying which;
@@ -19,7 +19,9 @@ It does four things, and says what it skipped and why:
 3. counts host syncs per call (torch's sync debug mode, plus ``Event.synchronize``, which that
    mode does not see) for ``delta()``, the snapshot's entry and exit, ``update_`` and
    ``refresh``, and the device and pinned host memory a snapshot and a tracker keep;
-4. writes ``gpu_report.md`` (tables a person reads) and ``gpu_report.json``, and exits
+4. runs ``benchmarks/engine_bench.py`` with a world of one over NCCL (FSDP2, and ZeRO-3 where
+   DeepSpeed imports): a reference's memory and step time beside TRL's paths;
+5. writes ``gpu_report.md`` (tables a person reads) and ``gpu_report.json``, and exits
    non-zero if any test failed.
 
 Without CUDA (a dry run, which the test suite makes) it runs the tests (all skip), times a
@@ -80,10 +82,7 @@ def run_tests(out: Path) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
     cmd += ["tests/test_gpu.py", f"--junitxml={xml}"]
     started = time.perf_counter()
-    env = dict(os.environ)
-    if DEPS.is_dir():  # the tests' worker processes inherit it too
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(DEPS)]))
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env())
     result = {"command": " ".join(cmd[1:]), "exit_code": proc.returncode, "tests": []}
     if xml.is_file():
         for case in ET.parse(xml).getroot().iter("testcase"):
@@ -100,6 +99,25 @@ def run_tests(out: Path) -> dict:
     if proc.returncode not in (0, 5) or not result["tests"]:  # 5: all deselected
         result["output"] = (proc.stdout + proc.stderr)[-4000:]
     return result
+
+
+def _env() -> dict:
+    """This environment, with the .gpu-deps folder on the path of every subprocess (and the
+    tests' worker processes, which inherit it)."""
+    env = dict(os.environ)
+    if DEPS.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(DEPS)]))
+    return env
+
+
+def engine_costs(out: Path) -> dict:
+    """``benchmarks/engine_bench.py`` with a world of one over NCCL (ZeRO-3 where DeepSpeed
+    imports), in its own interpreter: its table, or its error."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "engine_bench.py"), "--world", "1"]
+    cmd += ["--device", "cuda", "--out", str(out / "engine")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env())
+    text = proc.stdout if proc.returncode == 0 else proc.stdout + proc.stderr
+    return {"command": " ".join(cmd[1:]), "exit_code": proc.returncode, "output": text[-6000:]}
 
 
 def syncs_and_memory() -> dict:
@@ -153,6 +171,11 @@ def report(result: dict) -> str:
     if result.get("syncs"):
         lines += ["", "## Host syncs per call", "", "| call | syncs |", "|---|---|"]
         lines += [f"| {call} | {n} |" for call, n in result["syncs"]["syncs"].items()]
+    if result.get("engines"):
+        engines = result["engines"]
+        lines += ["", "## A reference on the engines (world of one, NCCL)", ""]
+        lines += [f"`{engines['command']}`: exit {engines['exit_code']}", "", "```"]
+        lines += [engines["output"], "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -178,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         result["syncs"] = syncs_and_memory()
         result["cases"] = cuda_cases(args.rounds)
+        print("running benchmarks/engine_bench.py with a world of one ...", flush=True)
+        result["engines"] = engine_costs(args.out)
     else:
         why = "no CUDA device here: the CUDA rows, sync counts and memory figures need one"
         result["skipped"].append(why)

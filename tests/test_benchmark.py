@@ -69,3 +69,51 @@ def test_a_quick_run_never_writes_over_the_committed_results():
     bench = _bench()
     assert bench.default_out(quick=True) == ROOT / "benchmarks" / "results-quick"
     assert bench.default_out(quick=False) == ROOT / "benchmarks" / "results"
+
+
+@pytest.mark.slow
+def test_the_engine_benchmark_runs_every_reference_on_two_ranks(tmp_path):
+    """Its tiny form: each engine x reference on two gloo ranks, every figure there (checked,
+    not timed). In a fresh interpreter: the benchmark forks its ranks from a parent that has
+    run no torch op."""
+    import subprocess
+    import sys
+
+    engines = ["fsdp2"] + (["zero3"] if importlib.util.find_spec("deepspeed") else [])
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "engine_bench.py"),
+            "--tiny",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--engines",
+            *engines,
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "engine_bench.json").read_text())
+    assert (
+        sorted(report["results"]) == sorted(engines) and (tmp_path / "engine_bench.png").is_file()
+    )
+    for engine, rows in report["results"].items():
+        expected = {"none", "fieldkit", "fieldkit-first", "trl-disabled", "trl-ref-adapter"}
+        expected |= {"separate-model"} | ({"fieldkit-in-step"} if engine == "zero3" else set())
+        assert set(rows) == expected, engine
+        for config, row in rows.items():
+            assert row["step_s"] > 0 and row["peak_bytes"] > 0, (engine, config)
+            assert (row["reference_forward_s"] > 0) is (config != "none"), (engine, config)
+            assert (row["swap_s"] > 0) is config.startswith("fieldkit"), (engine, config)
+        held = {c: set(row["held_bytes"]) - {"model"} for c, row in rows.items()}
+        assert held["fieldkit"] == {"snapshot (host)"} and held["trl-disabled"] == set()
+        assert held["trl-ref-adapter"] == {"ref adapter"}
+        assert held["separate-model"] == {"reference model"}
+        assert rows["none"]["invalidations_per_step"] == 0
+        assert rows["separate-model"]["invalidations_per_step"] == 0
+    assert report["seven_b"]["computed, not measured"]
+    assert "step ms" in done.stdout and "fieldkit" in done.stdout
