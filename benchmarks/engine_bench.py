@@ -28,7 +28,7 @@ also given as a ratio to ``none`` from the same engine.
     python benchmarks/engine_bench.py --tiny         # a tiny model, one timed step: a smoke run
     python benchmarks/engine_bench.py --world 1      # one rank (on a GPU: NCCL, CUDA timing)
 
-It prints a table and writes ``engine_bench.json`` and ``engine_bench.png`` to ``--out``
+It prints a table and writes ``engine_bench.json``, ``.md`` and ``.png`` to ``--out``
 (``benchmarks/results``; ``benchmarks/results-quick`` for ``--tiny``).
 """
 
@@ -55,6 +55,7 @@ ENGINES = ("zero3", "zero3-partitioned", "fsdp2")
 CONFIGS = (
     "none",
     "fieldkit",
+    "fieldkit-in-step",
     "fieldkit-first",
     "trl-disabled",
     "trl-ref-adapter",
@@ -320,6 +321,31 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict) -> str:
+    """The table as Markdown, for the README."""
+    lines = [
+        "| engine | reference | step ms (spread) | × none | reference forward | swap | "
+        "peak MiB / rank | × none | extra held / rank | trace lost / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for engine, rows in results.items():
+        floor = rows["none"]
+        for config, row in rows.items():
+            extra = {k: v for k, v in row["held_bytes"].items() if k != "model"}
+            held = "; ".join(f"{v / 2**20:.2f} MiB {k}" for k, v in extra.items()) or "0"
+            lo, hi = (1e3 * t for t in row["step_s_spread"])
+            name = f"**{config}**" if config.startswith("fieldkit") else config
+            lines.append(
+                f"| {engine} | {name} | {1e3 * row['step_s']:.0f} ({lo:.0f}–{hi:.0f}) | "
+                f"{row['step_s'] / floor['step_s']:.2f} | "
+                f"{row['reference_forward_s'] / row['step_s']:.0%} | "
+                f"{row['swap_s'] / row['step_s']:.1%} | {row['peak_bytes'] / 2**20:.0f} | "
+                f"{row['peak_bytes'] / max(floor['peak_bytes'], 1):.2f} | {held} | "
+                f"{row['invalidations_per_step']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def seven_b(results: dict, shape: dict, world: int) -> dict:
     """Per-rank bytes each option would hold at 7B (bf16, LoRA r=16 on all seven projections),
     computed from this run's per-parameter figures: held bytes / parameters they stand for."""
@@ -375,7 +401,7 @@ def plot(results: dict, path: Path) -> None:
                 if config in results[engine]:
                     floor = results[engine]["none"][key]
                     xs.append(e + (j - len(CONFIGS) / 2 + 0.5) * width)
-                    ys.append(results[engine][config][key] / max(floor, 1))
+                    ys.append(results[engine][config][key] / (floor or 1))
             edge = 1.6 if config.startswith("fieldkit") else 0.6
             ax.bar(xs, ys, width, label=config, color=colours[config], hatch=hatches[config],
                    edgecolor="black", linewidth=edge)  # fmt: skip
@@ -435,6 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(table(results))
     (out / "engine_bench.json").write_text(json.dumps(report, indent=1))
+    (out / "engine_bench.md").write_text(markdown(results))
     plot(results, out / "engine_bench.png")
     return report
 

@@ -40,6 +40,21 @@ def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
+def force_fsdp(trainer) -> None:
+    """accelerate never picks FSDP on CPU ranks: tell it, as a GPU run would have it (its
+    real FSDP2 prepare then runs inside train())."""
+    if not trainer.args.fsdp:
+        return
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = AcceleratorState()  # transformers < 5 sets the plugin up through the environment
+    plugin_args = getattr(trainer.args, "fsdp_plugin_args", None) or {}
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
 def base_model(seed: int = 0, **config) -> transformers.LlamaForCausalLM:
     """A 2-layer Llama with random weights; the same seed gives the same base weights."""
     torch.manual_seed(seed)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 import transformers
-from helpers import peft_model
+from helpers import force_fsdp, peft_model
 from test_hf import _data
 
 from fieldkit.training import LoraReferenceSnapshot
@@ -78,25 +78,18 @@ def run(engine: str, out: Path, *, stop: int = 0, resume: str | None = None) -> 
         seed=0,
         **ENGINES[engine],
     )
-    trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=_data(), callbacks=callbacks
-    )
-    if engine == "fsdp2":  # accelerate picks plain DDP on CPU ranks unless told
-        from accelerate.state import AcceleratorState, PartialState
-        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-        state = AcceleratorState()
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
-        state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
-        trainer.is_fsdp_enabled = True
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
+    try:  # accelerate's own FSDP set-up, before any callback runs, may refuse a CPU
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=_data(), callbacks=callbacks
+        )
+        force_fsdp(trainer)  # accelerate picks plain DDP on CPU ranks unless told
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             trainer.train(resume_from_checkpoint=resume)
-        except RuntimeError as e:  # accelerate's own FSDP prepare, before any callback runs
-            if "is not supported on cpu" not in str(e) or recorder.sharded is not None:
-                raise
-            return {"skip": f"accelerate cannot prepare FSDP on CPU ranks here: {e}"}
+    except RuntimeError as e:
+        if "is not supported on cpu" not in str(e) or recorder.sharded is not None:
+            raise
+        return {"skip": f"accelerate cannot set up FSDP on CPU ranks here: {e}"}
     logs = {
         h["step"]: {k: v for k, v in h.items() if k.startswith(PREFIX)}
         for h in trainer.state.log_history
