@@ -5,7 +5,9 @@
 The snapshot is taken from the SFT adapter on disk *before* ``deepspeed.initialize`` (the order
 a Trainer imposes); at its first swap it keeps only this rank's partition of each tensor. Each
 step runs a policy forward through the engine, the reference forward inside ``with
-reference:`` (the reference's partitions written into DeepSpeed's, restored on exit), a
+reference:`` (the reference's partitions written into DeepSpeed's, restored on exit; called
+as ``policy.forward(...)`` so that it stays in the policy's step and DeepSpeed's prefetch
+trace survives), a
 KL-penalised loss, ``engine.backward`` and ``engine.step``. ``WeightDeltaTracker.delta()`` is a
 collective: every rank gets the global L2 and max|Δ|, which rank 0 prints.
 """
@@ -55,7 +57,9 @@ def main(steps: int, beta: float, lr: float, stage: int) -> None:
         batch = torch.randint(0, VOCAB, (4, 16), generator=g)
         logits = engine(batch).logits  # with grad
         with reference:  # this rank's partitions swapped in, no grad, restored on exit
-            ref_logits = engine(batch).logits
+            # Through the model's forward, not engine(...): a second call of the root module
+            # would start a new DeepSpeed step and throw away its prefetch trace every step.
+            ref_logits = policy.forward(batch).logits
         nll, kl = losses(logits, ref_logits, batch)
         engine.backward(nll + beta * kl)
         engine.step()
