@@ -20,7 +20,7 @@ def _data(n=8):
     return [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
 
 
-def _trainer(tmp_path, model, callbacks, lr=1e-2, steps=4):
+def _trainer(tmp_path, model, callbacks, lr=1e-2, steps=4, **options):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=steps,
@@ -30,10 +30,10 @@ def _trainer(tmp_path, model, callbacks, lr=1e-2, steps=4):
         lr_scheduler_type="constant",
         optim="adamw_torch",
         report_to="none",
-        save_strategy="no",
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        **{"save_strategy": "no", **options},
     )
     return transformers.Trainer(
         model=model.train(), args=args, train_dataset=_data(), callbacks=callbacks

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 import transformers
 from helpers import force_fsdp, peft_model
-from test_hf import _data
+from test_hf import _trainer
 
 from fieldkit.training import LoraReferenceSnapshot
 from fieldkit.training import _sharding as sharding
@@ -63,25 +63,9 @@ def run(engine: str, out: Path, *, stop: int = 0, resume: str | None = None) -> 
     snap = LoraReferenceSnapshot(model)  # before train(), as the README shows
     recorder = Recorder(snap, stop)
     callbacks = [WeightDeltaCallback(), ReferenceSyncCallback(snap, alpha=0.5, every=1), recorder]
-    args = transformers.TrainingArguments(
-        output_dir=str(out),
-        max_steps=4,
-        logging_steps=1,
-        save_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        optim="adamw_torch",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        **ENGINES[engine],
-    )
     try:  # accelerate's own FSDP set-up, before any callback runs, may refuse a CPU
-        trainer = transformers.Trainer(
-            model=model, args=args, train_dataset=_data(), callbacks=callbacks
-        )
+        options = dict(save_strategy="steps", save_steps=2, **ENGINES[engine])
+        trainer = _trainer(out, model, callbacks, **options)
         force_fsdp(trainer)  # accelerate picks plain DDP on CPU ranks unless told
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
