@@ -143,9 +143,8 @@ class Swap:
         """
         self.check_readers()
         params, copied = self.params, self.copied
-        sharding.release(
-            self.zero3, self.model, refuse=True
-        )  # the forward must gather what is written
+        # The forward must gather what is written.
+        sharding.release(self.zero3, self.model, refuse=True)
         join_default(self.cuda)
         datas = [sharding.local(p) for p in params]
         displaced = list(datas)
