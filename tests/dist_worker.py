@@ -738,6 +738,22 @@ def zero3_hpz(out: Path) -> dict:
     return {"refused": sorted(entries)}
 
 
+def zero3_quantized(out: Path) -> dict:
+    """ZeRO-3 quantized weights (DeepSpeed's quantizer needs CUDA: run as gpu_zero3_quantized):
+    refused by every entry point, before anything changes."""
+    refused = []
+    for option in ("zero_quantized_weights", "zero_quantized_nontrainable_weights"):
+        model = _engine(3, **{option: True}).module
+        for entry in (LoraReferenceSnapshot, WeightDeltaTracker, capture_trainable):
+            try:
+                entry(model)
+                raise AssertionError(f"{option} was accepted by {entry.__name__}")
+            except ValueError as e:
+                assert "quantized weights" in str(e), e
+        refused.append(option)
+    return {"refused": refused}
+
+
 def zero3(out: Path) -> dict:
     return _zero3(out)
 
@@ -835,7 +851,7 @@ def main() -> None:
         scenarios |= {"fsdp2_failures": fsdp2_failures, "one_rank_saves": one_rank_saves}
         scenarios |= {"zero2": zero2, "zero3": zero3, "zero3_partitioned": zero3_partitioned}
         scenarios |= {"zero12_step": zero12_step, "zero3_failures": zero3_failures}
-        scenarios |= {"zero3_hpz": zero3_hpz}
+        scenarios |= {"zero3_hpz": zero3_hpz, "zero3_quantized": zero3_quantized}
         result = {**scenarios, "nccl": nccl, "offload": offload}[scenario](out)
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
         if scenario != "one_rank_saves":  # there gloo has closed the pair, as it does

@@ -347,3 +347,12 @@ def test_deepspeed_zero3_on_one_gpu_prefetches_a_body_that_raises_and_a_step_ins
     from test_distributed import _run
 
     _run("gpu_zero3_failures", tmp_path, world=1)
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_quantized_weights_are_refused_at_every_entry(tmp_path):
+    """DeepSpeed's quantizer has no CPU kernel: this refusal can only be seen on a GPU."""
+    from test_distributed import _run
+
+    refused = _run("gpu_zero3_quantized", tmp_path, world=1)[0]["refused"]
+    assert refused == ["zero_quantized_weights", "zero_quantized_nontrainable_weights"]
