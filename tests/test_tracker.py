@@ -157,3 +157,12 @@ def test_a_tracker_made_in_inference_mode_works_outside_it():
     assert tracker.delta()[1] == 0.5
     tracker.reset()
     assert tracker.delta() == (0.0, 0.0)
+
+
+def test_a_whole_state_dict_holds_copies_on_an_unsharded_model():
+    """state_dict(whole=True) gathers only sharded tensors; the rest are copies, as always."""
+    model = torch.nn.Linear(2, 2)
+    tracker = WeightDeltaTracker(model)
+    whole = tracker.state_dict(whole=True)
+    whole["weight"].add_(1.0)  # the caller's copy, not the tracker's starting point
+    assert tracker.delta() == (0.0, 0.0)

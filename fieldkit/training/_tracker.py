@@ -107,7 +107,7 @@ class WeightDeltaTracker:
         binding = self._bound("WeightDeltaTracker.state_dict", read=False)
         params = dict(zip(binding.names, binding.params, strict=True))
         return {
-            n: sharding.gather(params[n], v) if n in params else v.clone()
+            n: sharding.gather(params[n], v) if sharding.is_sharded(params.get(n)) else v.clone()
             for n, v in self._before.items()
         }
 
