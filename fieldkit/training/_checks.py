@@ -54,7 +54,7 @@ def check_shapes(fn: str, pairs, sides: tuple[str, str] = ("before", "after")) -
     """One ValueError naming every ``(key, x, y)`` whose (local) shapes differ; refused too
     when a parameter among them is swapped in (its values are the reference's now)."""
     pairs = list(pairs)
-    Held.refuse_reads(fn, [t for _, x, y in pairs for t in (x, y)])
+    Held.refuse_reads(fn, (t for _, x, y in pairs for t in (x, y)))  # walked only while swapped
     bad = [
         f"{k!r}: {sides[0]} {tuple(shape(x))}, {sides[1]} {tuple(shape(y))}"
         for k, x, y in pairs

@@ -193,7 +193,8 @@ def reshard(modules: list[nn.Module]) -> None:
                 group.wait_for_unshard()
             if hasattr(group, "_to_sharded"):
                 group._to_sharded()  # a no-op where the group is sharded already
-        module.reshard()
+            else:
+                group.reshard()
 
 
 def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
