@@ -840,22 +840,36 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         TOKENS = TOKENS.cuda()
     backend = "nccl" if DEVICE == "cuda" or scenario in ("nccl", "offload") else "gloo"
-    if scenario.startswith("zero"):
-        import deepspeed
+    scenarios = {"fsdp2": fsdp2, "fsdp2_options": fsdp2_options, "ddp": ddp}
+    scenarios |= {"fsdp2_failures": fsdp2_failures, "one_rank_saves": one_rank_saves}
+    scenarios |= {"zero2": zero2, "zero3": zero3, "zero3_partitioned": zero3_partitioned}
+    scenarios |= {"zero12_step": zero12_step, "zero3_failures": zero3_failures}
+    scenarios |= {"zero3_hpz": zero3_hpz, "zero3_quantized": zero3_quantized}
+    scenarios |= {"nccl": nccl, "offload": offload}
+    as_rank(
+        lambda: scenarios[scenario](out),
+        out,
+        deepspeed=scenario.startswith("zero"),
+        backend=backend,
+        barrier=scenario != "one_rank_saves",  # there gloo has closed the pair, as it does
+    )
 
-        deepspeed.init_distributed(dist_backend=backend)
+
+def as_rank(work, out: Path, *, deepspeed: bool, backend: str = "gloo", barrier: bool = True):
+    """One rank's life: join the process group (through DeepSpeed for its engines), run
+    ``work()``, write its result to ``out/rank<R>.json`` and, with ``barrier``, wait for the
+    others (no rank tears gloo down while another still talks to it) before leaving."""
+    if deepspeed:
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=backend)
     else:
         dist.init_process_group(backend)
     try:
-        scenarios = {"fsdp2": fsdp2, "fsdp2_options": fsdp2_options, "ddp": ddp}
-        scenarios |= {"fsdp2_failures": fsdp2_failures, "one_rank_saves": one_rank_saves}
-        scenarios |= {"zero2": zero2, "zero3": zero3, "zero3_partitioned": zero3_partitioned}
-        scenarios |= {"zero12_step": zero12_step, "zero3_failures": zero3_failures}
-        scenarios |= {"zero3_hpz": zero3_hpz, "zero3_quantized": zero3_quantized}
-        result = {**scenarios, "nccl": nccl, "offload": offload}[scenario](out)
+        result = work()
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
-        if scenario != "one_rank_saves":  # there gloo has closed the pair, as it does
-            dist.barrier()  # no rank tears gloo down while another still talks to it
+        if barrier:
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 

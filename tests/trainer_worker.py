@@ -11,14 +11,13 @@ the soft reference after each step (gathered whole), for the test to compare.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
-import torch.distributed as dist
 import transformers
+from dist_worker import as_rank
 from helpers import force_fsdp, peft_model
 from test_hf import _trainer
 
@@ -84,21 +83,15 @@ def run(engine: str, out: Path, *, stop: int = 0, resume: str | None = None) -> 
 
 def main() -> None:
     engine, out = sys.argv[1], Path(sys.argv[2])
-    if engine.startswith("zero"):
-        import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        dist.init_process_group("gloo")
-    try:
+    def work() -> dict:
         result = {"whole": run(engine, out / "whole")}
         if "skip" not in result["whole"]:
             result["stopped"] = run(engine, out / "parts", stop=2)
             result["resumed"] = run(engine, out / "parts", resume=str(out / "parts/checkpoint-2"))
-        (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        return result
+
+    as_rank(work, out, deepspeed=engine.startswith("zero"))
 
 
 if __name__ == "__main__":
