@@ -76,14 +76,28 @@ def versions() -> dict:
     }
 
 
-def run_tests(out: Path) -> dict:
+def _run(cmd: list[str], seconds: float) -> tuple[int, str]:
+    """Run ``cmd`` from the root with the .gpu-deps path, for at most ``seconds``: its exit code
+    (124 when it ran out of time, as ``timeout`` says) and its output."""
+    try:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=max(seconds, 1)
+        )
+    except subprocess.TimeoutExpired as e:
+        parts = (x.decode() if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+        text = "".join(parts)
+        return 124, text + f"\n[stopped: ran past its {seconds:.0f} s of the check's budget]"
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def run_tests(out: Path, seconds: float) -> dict:
     """Every ``gpu`` test, in a subprocess: counts, and each failure and skip with its reason."""
     xml = out / "gpu_tests.xml"
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
     cmd += ["tests/test_gpu.py", f"--junitxml={xml}"]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env())
-    result = {"command": " ".join(cmd[1:]), "exit_code": proc.returncode, "tests": []}
+    code, text = _run(cmd, seconds)
+    result = {"command": " ".join(cmd[1:]), "exit_code": code, "tests": []}
     if xml.is_file():
         for case in ET.parse(xml).getroot().iter("testcase"):
             outcome, why = "passed", ""
@@ -96,8 +110,8 @@ def run_tests(out: Path) -> dict:
     result["seconds"] = round(time.perf_counter() - started, 1)
     for outcome in ("passed", "failed", "skipped"):
         result[outcome] = sum(t["outcome"] == outcome for t in result["tests"])
-    if proc.returncode not in (0, 5) or not result["tests"]:  # 5: all deselected
-        result["output"] = (proc.stdout + proc.stderr)[-4000:]
+    if code not in (0, 5) or not result["tests"]:  # 5: all deselected
+        result["output"] = text[-4000:]
     return result
 
 
@@ -110,14 +124,13 @@ def _env() -> dict:
     return env
 
 
-def engine_costs(out: Path) -> dict:
+def engine_costs(out: Path, seconds: float) -> dict:
     """``benchmarks/engine_bench.py`` with a world of one over NCCL (ZeRO-3 where DeepSpeed
     imports), in its own interpreter: its table, or its error."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "engine_bench.py"), "--world", "1"]
     cmd += ["--device", "cuda", "--out", str(out / "engine")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env())
-    text = proc.stdout if proc.returncode == 0 else proc.stdout + proc.stderr
-    return {"command": " ".join(cmd[1:]), "exit_code": proc.returncode, "output": text[-6000:]}
+    code, text = _run(cmd, seconds)
+    return {"command": " ".join(cmd[1:]), "exit_code": code, "output": text[-6000:]}
 
 
 def syncs_and_memory() -> dict:
@@ -184,25 +197,40 @@ def main(argv: list[str] | None = None) -> int:
     default = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "gpu-check"
     ap.add_argument("--out", type=Path, default=default, help="where the report goes")
     ap.add_argument("--rounds", type=int, default=20, help="timed rounds per method")
+    ap.add_argument(
+        "--budget", type=float, default=540, help="seconds in all; a stage past it is stopped"
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    left = lambda: args.budget - (time.perf_counter() - started)  # noqa: E731
     result: dict = {"versions": versions(), "date": time.strftime("%Y-%m-%d"), "skipped": []}
     for key, value in result["versions"].items():
         print(f"{key}: {value}", flush=True)
 
+    def write() -> str:
+        """The report so far, written after every stage (a stopped call still leaves one)."""
+        result["seconds"] = time.perf_counter() - started
+        text = report(result)
+        (args.out / "gpu_report.md").write_text(text)
+        (args.out / "gpu_report.json").write_text(json.dumps(result, indent=2) + "\n")
+        return text
+
     print("running the gpu tests ...", flush=True)
-    result["tests"] = run_tests(args.out)
+    result["tests"] = run_tests(args.out, left() - 120)  # the timings and engines need time too
     print(
         f"gpu tests: {result['tests']['passed']} passed, {result['tests']['failed']} failed, "
         f"{result['tests']['skipped']} skipped",
         flush=True,
     )
+    result["cases"] = []
+    write()
     if torch.cuda.is_available():
         result["syncs"] = syncs_and_memory()
         result["cases"] = cuda_cases(args.rounds)
+        write()
         print("running benchmarks/engine_bench.py with a world of one ...", flush=True)
-        result["engines"] = engine_costs(args.out)
+        result["engines"] = engine_costs(args.out, left())
     else:
         why = "no CUDA device here: the CUDA rows, sync counts and memory figures need one"
         result["skipped"].append(why)
@@ -211,11 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             "dry run: tiny, CPU", bench.TINY, torch.float32, 2, "cpu", 2, bench.Timer("cpu"), 1
         )
         result["cases"] = [cpu]
-    result["seconds"] = time.perf_counter() - started
-    text = report(result)
-    (args.out / "gpu_report.md").write_text(text)
-    (args.out / "gpu_report.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
+    print(write())
     failed = result["tests"]["failed"] or result["tests"]["exit_code"] not in (0, 5)
     return 1 if failed else 0
 
