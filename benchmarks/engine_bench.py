@@ -112,7 +112,7 @@ def _shard_fsdp2(model, device: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -441,7 +441,10 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     for engine in engines:
         configs = [c for c in CONFIGS if c != "fieldkit-in-step" or engine != "fsdp2"]
-        results[engine] = {c: summarise(measure(engine, c, shape, args)) for c in configs}
+        results[engine] = {}
+        for config in configs:  # a line as each is done: a stopped run still shows its rows
+            row = results[engine][config] = summarise(measure(engine, config, shape, args))
+            print(f"{engine} {config}: step {row['step_s'] * 1e3:.1f} ms", flush=True)
     report = {
         "what": __doc__.splitlines()[0],
         "machine": {

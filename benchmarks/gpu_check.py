@@ -128,6 +128,9 @@ def engine_costs(out: Path, seconds: float) -> dict:
     """``benchmarks/engine_bench.py`` with a world of one over NCCL (ZeRO-3 where DeepSpeed
     imports), in its own interpreter: its table, or its error."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "engine_bench.py"), "--world", "1"]
+    # One run of two steps: each configuration starts fresh ranks (CUDA cannot be forked, so
+    # every start re-imports torch, transformers and DeepSpeed: 15 to 30 s on an H100 machine).
+    cmd += ["--runs", "1", "--steps", "2", "--warmup", "1"]
     cmd += ["--device", "cuda", "--out", str(out / "engine")]
     code, text = _run(cmd, seconds)
     return {"command": " ".join(cmd[1:]), "exit_code": code, "output": text[-6000:]}

@@ -117,3 +117,27 @@ def test_the_engine_benchmark_runs_every_reference_on_two_ranks(tmp_path):
         assert rows["separate-model"]["invalidations_per_step"] == 0
     assert report["seven_b"]["computed, not measured"]
     assert "step ms" in done.stdout and "fieldkit" in done.stdout
+
+
+def test_the_engine_benchmark_shards_for_fsdp2_on_a_device_with_an_index(tmp_path):
+    """A CUDA rank's device is ``cuda:<rank>``; ``init_device_mesh`` takes only the type (the
+    first GPU check stopped here with "Device type with index is not supported"). The same
+    call with ``cpu:0``, on a gloo world of one."""
+    import torch
+    import torch.distributed as dist
+
+    spec = importlib.util.spec_from_file_location(
+        "engine_bench", ROOT / "benchmarks" / "engine_bench.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = bench._model(bench.TINY, seed=0)
+        bench._shard_fsdp2(model, "cpu:0")
+        lora = [p for p in model.parameters() if p.requires_grad]
+        assert lora and all(type(p).__name__ == "DTensor" for p in lora)
+        assert model(torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, 128)
+    finally:
+        dist.destroy_process_group()
