@@ -541,20 +541,56 @@ def combine(runs: list[list[dict]]) -> list[dict]:
     return cases
 
 
-def plot(sweep: list[dict], path: Path) -> str:
+def _pyplot():
+    """matplotlib's pyplot, drawing to files; None where matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+# Every method its own colour, line style and marker, so that each line reads in black and
+# white too; fieldkit's lines are thick and drawn last (on top), the others thin.
+_STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+_MARKERS = "osD^vP*Xh<>p"
+_OURS = ["#d62728", "#ff7f0e", "#8c564b", "#e377c2"]  # warm: fieldkit
+_OTHERS = ["#1f77b4", "#17becf", "#2ca02c", "#9467bd", "#bcbd22", "#7f7f7f", "#393b79",
+           "#637939"]  # fmt: skip
+
+
+def plot(sweep: list[dict], path: Path) -> str:
+    """The round trip against the adapter's size, one line per method, beside the floor."""
+    plt = _pyplot()
+    if plt is None:
         return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
-    fig, ax = plt.subplots(figsize=(12, 6))
+    fig, ax = plt.subplots(figsize=(12, 6.5))
     sizes = [p["adapter_bytes"] / 2**20 for p in sweep]
     methods = [m for m in sweep[0]["median_ms"] if m != "floor"]
-    ax.plot(sizes, [p["median_ms"]["floor"] for p in sweep], "k--", lw=2, label="floor: one copy")
-    for m in methods:
-        ax.plot(sizes, [p["median_ms"][m] for p in sweep], "o-", label=m)
+    methods.sort(key=lambda m: m.startswith("fieldkit"))  # fieldkit's on top
+    ax.plot(sizes, [p["median_ms"]["floor"] for p in sweep], color="black", lw=3.5,
+            label="floor: one copy of the adapter's bytes", zorder=5)  # fmt: skip
+    ours_seen = others_seen = 0
+    for i, m in enumerate(methods):
+        ours = m.startswith("fieldkit")
+        if ours:
+            colour, ours_seen = _OURS[ours_seen % len(_OURS)], ours_seen + 1
+        else:
+            colour, others_seen = _OTHERS[others_seen % len(_OTHERS)], others_seen + 1
+        ax.plot(
+            sizes,
+            [p["median_ms"][m] for p in sweep],
+            linestyle=_STYLES[i % len(_STYLES)],
+            marker=_MARKERS[i % len(_MARKERS)],
+            color=colour,
+            lw=3.0 if ours else 1.2,
+            markersize=8 if ours else 5,
+            label=("fieldkit: " + m.removeprefix("fieldkit ")) if ours else m,
+            zorder=6 if ours else 3,
+        )
     for p, x in zip(sweep, sizes, strict=True):
         ax.annotate(f"r={p['r']}", (x, p["median_ms"]["floor"]), fontsize=8, va="top")
     ax.set(
@@ -562,12 +598,46 @@ def plot(sweep: list[dict], path: Path) -> str:
         yscale="log",
         xlabel="adapter size (MiB)",
         ylabel="round trip: swap in + restore (ms, median)",
-        title=f"Reference swap cost, {sweep[0]['tensors']} LoRA tensors ({sweep[0]['device']})",
+        title=f"Reference swap cost, {sweep[0]['tensors']} LoRA tensors ({sweep[0]['device']}); "
+        "fieldkit's lines are thick",
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def plot_delta(cases: list[dict], path: Path) -> str:
+    """The weight-delta rows of each case, as multiples of that case's floor: grouped bars,
+    each method its own colour and hatch, fieldkit's edged thick."""
+    plt = _pyplot()
+    if plt is None:
+        return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
+    methods = [row["method"] for row in cases[0]["delta"] if "skipped" not in row]
+    hatches = ["//", "\\\\", "xx", "..", "++", "oo"]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        ours = m.startswith("fieldkit")
+        xs = [c + (j - len(methods) / 2 + 0.5) * width for c in range(len(cases))]
+        ys = [next(r["x_floor"] for r in case["delta"] if r["method"] == m) for case in cases]
+        palette = _OURS if ours else _OTHERS
+        ax.bar(xs, ys, width, label=m, color=palette[j % len(palette)],
+               hatch=hatches[j % len(hatches)], edgecolor="black",
+               linewidth=1.8 if ours else 0.6)  # fmt: skip
+        for x, y in zip(xs, ys, strict=True):
+            ax.annotate(f"{y:.1f}", (x, y), ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="black", lw=2, label="floor: one copy of the adapter's bytes")
+    labels = [f"{c['case']}\n{c['tensors']} tensors, {human(c['adapter_bytes'])}" for c in cases]
+    ax.set_xticks(range(len(cases)), labels)
+    ax.set_ylabel("weight delta, x floor (median)")
+    ax.set_title("Did the weights move? The delta's cost against one copy (lower is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return f"plot: {path}"
 
 
@@ -669,6 +739,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(table(case))
     print(f"\njson: {args.out / 'swap_bench.json'}")
     print(plot(sweep, args.out / "swap_bench.png"))
+    print(plot_delta(cases, args.out / "delta_bench.png"))
     return result
 
 

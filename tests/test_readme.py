@@ -1,4 +1,5 @@
-"""The README's examples run as written, on a tiny peft model and adapters saved by peft."""
+"""The README's and the documentation's examples run as written, on a tiny peft model and
+adapters saved by peft: every ``python`` block of README.md and docs/**/*.md."""
 
 import os
 import pathlib
@@ -13,11 +14,19 @@ import transformers
 from helpers import TOKENS, peft_model, word_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+PAGES = {
+    str(path.relative_to(ROOT)): path.read_text()
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+}
+PYTHON_BLOCKS = [
+    (page, block)
+    for page, text in PAGES.items()
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+]
 CLI_LINES = [
     line
-    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    for text in PAGES.values()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     for line in block.splitlines()
     if line.startswith("python -m fieldkit.training")
 ]
@@ -106,13 +115,19 @@ def _trl_namespace(tmp_path):
     }
 
 
-def test_the_readme_has_examples():
-    assert len(PYTHON_BLOCKS) >= 5 and len(CLI_LINES) == 3
+def test_the_readme_and_the_docs_have_examples():
+    pages = {page for page, _ in PYTHON_BLOCKS}
+    assert "README.md" in pages and len(pages) >= 8 and len(PYTHON_BLOCKS) >= 10
+    assert len(CLI_LINES) == 3
 
 
-@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=lambda b: b.splitlines()[0][:40])
-def test_python_example_runs(block, workdir):
-    exec(compile(block, "README.md", "exec"), _namespace(workdir))
+@pytest.mark.parametrize(
+    ("page", "block"),
+    PYTHON_BLOCKS,
+    ids=[f"{p}:{b.splitlines()[0][:40]}" for p, b in PYTHON_BLOCKS],
+)
+def test_python_example_runs(page, block, workdir):
+    exec(compile(block, page, "exec"), _namespace(workdir))
 
 
 @pytest.mark.parametrize("line", CLI_LINES)

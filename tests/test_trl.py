@@ -194,7 +194,7 @@ def test_trls_own_reference_is_off_at_step_1_with_an_embedding_lora(kind, tmp_pa
     off = [key for key in ZERO_AT_STEP_1[kind] if step1[key] != 0.0]
     assert off, (
         f"TRL {trl.__version__}'s own reference now gives {ZERO_AT_STEP_1[kind]} == 0 at step 1 "
-        "with an embedding LoRA: its 'ref' copy is fixed; update README 'With TRL'."
+        "with an embedding LoRA: its 'ref' copy is fixed; update docs/guides/trl.md."
     )
 
 

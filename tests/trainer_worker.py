@@ -59,7 +59,7 @@ class Recorder(transformers.TrainerCallback):
 
 def run(engine: str, out: Path, *, stop: int = 0, resume: str | None = None) -> dict:
     model = peft_model("linear", seed=2, r=3).train()
-    snap = LoraReferenceSnapshot(model)  # before train(), as the README shows
+    snap = LoraReferenceSnapshot(model)  # before train(), as the Trainer guide shows
     recorder = Recorder(snap, stop)
     callbacks = [WeightDeltaCallback(), ReferenceSyncCallback(snap, alpha=0.5, every=1), recorder]
     try:  # accelerate's own FSDP set-up, before any callback runs, may refuse a CPU

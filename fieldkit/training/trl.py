@@ -56,7 +56,8 @@ class SnapshotReference:
 
 
 def use_snapshot_reference(
-    trainer, snapshot: LoraReferenceSnapshot | None = None
+    trainer: trl.GRPOTrainer | trl.DPOTrainer | trl.RLOOTrainer | trl.KTOTrainer,
+    snapshot: LoraReferenceSnapshot | None = None,
 ) -> LoraReferenceSnapshot | None:
     """Make ``trainer`` compute its reference with ``snapshot``, swapped into its own model.
 

@@ -1,0 +1,221 @@
+"""Write the site's generated parts from their sources, so they cannot go stale.
+
+    python docs/generate.py          # write them
+    python docs/generate.py --check  # exit 1 if a written text differs from what it would write
+
+- ``docs/troubleshooting.md``: every error and warning message in ``fieldkit/training``, read
+  from the code itself (each ``raise ...(...)`` and ``warnings.warn(...)`` with a literal or
+  f-string message), grouped by what the user was doing;
+- ``benchmarks/results/swap_bench.md`` and ``benchmarks/results/gpu_h100.md``: the benchmark
+  tables, from ``swap_bench.json`` and ``gpu_report_h100.json``;
+- ``docs/assets/*.png``: the pictures, drawn from the same JSON (needs matplotlib; ``--check``
+  leaves them out).
+
+The tests run ``--check``; the docs build runs it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path[:0] = [str(ROOT / "benchmarks")]
+
+# What the user was doing when a module's messages reach them, and where to read more.
+GROUPS = [
+    ("Installing and importing", ["__init__.py"], "index.md#install"),
+    (
+        "Reading an adapter: `from_disk`, `load_adapter_dict`",
+        ["_adapter.py", "_format.py"],
+        "guides/reference-policy.md",
+    ),
+    (
+        "Swapping a reference in and out: `with snap:`, `swap_in`, `restore`",
+        ["_swap.py", "_guards.py", "_snapshot.py", "_binding.py", "_buffers.py"],
+        "refusals.md",
+    ),
+    (
+        "Capturing, measuring, updating: `capture_trainable`, the tracker, `weight_delta`, "
+        "`soft_update_`",
+        ["_state.py", "_checks.py", "_delta.py", "_tracker.py", "_report.py", "_kernel.py"],
+        "guides/did-my-lora-move.md",
+    ),
+    (
+        "Under FSDP2, DeepSpeed and accelerate",
+        ["_sharding.py", "_zero.py"],
+        "guides/sharded.md",
+    ),
+    ("Saving", ["_saving.py"], "guides/saving.md"),
+    ("With `transformers.Trainer`: the callbacks", ["hf.py"], "guides/trainer.md"),
+    ("With TRL", ["trl.py"], "guides/trl.md"),
+    ("From the shell: `python -m fieldkit.training`", ["_cli.py"], "guides/did-my-lora-move.md"),
+]
+
+
+def _text(node: ast.AST, top: bool = True) -> str | None:
+    """A message as a reader meets it: literal parts as they are, computed parts as ``…``;
+    None for a message that is not written out where it is raised."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "…" for v in node.values)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _text(node.left, False), _text(node.right, False)
+        if top and left is None and right is None:
+            return None
+        return (left or "…") + (right or "…")
+    return None
+
+
+class _Finder(ast.NodeVisitor):
+    """Each message with the function (``Class.method``) that raises, returns or warns it."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.found: list[tuple[int, str, str, str]] = []
+
+    def _scope(self, node) -> None:
+        self.stack.append(node.name)
+        self.generic_visit(node)
+        self.stack.pop()
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _scope
+
+    def _add(self, node, call: ast.Call, kind: str) -> None:
+        text = _text(call.args[0]) if call.args else None
+        if text is not None:
+            self.found.append((node.lineno, kind, ".".join(self.stack) or "(module)", text))
+
+    def visit_Raise(self, node: ast.Raise) -> None:
+        kind = ast.unparse(node.exc.func) if isinstance(node.exc, ast.Call) else ""
+        if kind.endswith(("Error", "Exception", "Interrupt")):  # not a helper that builds one
+            self._add(node, node.exc, kind)
+        self.generic_visit(node)
+
+    def visit_Return(self, node: ast.Return) -> None:  # a helper that builds the error
+        kind = ast.unparse(node.value.func) if isinstance(node.value, ast.Call) else ""
+        if kind.endswith("Error"):
+            self._add(node, node.value, kind)
+        self.generic_visit(node)
+
+    def visit_Call(self, node: ast.Call) -> None:
+        if ast.unparse(node.func) == "warnings.warn":
+            category = node.args[1] if len(node.args) > 1 else None
+            self._add(node, node, ast.unparse(category) if category else "UserWarning")
+        self.generic_visit(node)
+
+
+def messages(path: Path) -> list[tuple[str, str, str]]:
+    """``(kind, function, message)`` for every message written out in ``path``, in order."""
+    finder = _Finder()
+    finder.visit(ast.parse(path.read_text()))
+    return [(kind, name, text) for _, kind, name, text in sorted(finder.found)]
+
+
+def _cell(text: str) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text.replace("<", "&lt;").replace(">", "&gt;")
+
+
+def troubleshooting() -> str:
+    lines = [
+        "# Troubleshooting",
+        "",
+        "Every error and warning fieldkit can give, word for word as the code writes it (`…` "
+        "stands for what is filled in: the keys, the shapes, the adapter's name), grouped by "
+        "what you were doing. Each message says what went wrong and, where there is something "
+        "to do, what to do; the page linked under each heading says why. This page is "
+        "generated from the code (`python docs/generate.py`), and the tests fail when it falls "
+        "behind.",
+        "",
+        "Two rules hold for all of them: an error raised before a swap changes anything leaves "
+        "the model exactly as it was (values and parameter objects), and an error on the way "
+        "out of a swap is raised after the live weights are back.",
+        "",
+    ]
+    source = ROOT / "fieldkit" / "training"
+    grouped = {f for _, files, _ in GROUPS for f in files}
+    missing = sorted(p.name for p in source.glob("*.py") if messages(p) and p.name not in grouped)
+    if missing:
+        raise SystemExit(f"generate.py: no group for the messages of {missing}")
+    for title, files, more in GROUPS:
+        rows = [(f, *m) for f in files for m in messages(source / f)]
+        if not rows:
+            continue
+        page = more.split("#")[0].removeprefix("guides/").removesuffix(".md").replace("-", " ")
+        lines += [f"## {title}", "", f"Why, and what to do: [{page}]({more}).", ""]
+        lines += ["| message | raised as | where |", "|---|---|---|"]
+        lines += [
+            f"| {_cell(text)} | `{kind}` | `{file.removesuffix('.py')}.{name}` |"
+            for file, kind, name, text in rows
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def tables() -> dict[Path, str]:
+    """The benchmark tables the Performance page includes, from the committed JSON."""
+    import swap_bench
+
+    cpu = json.loads((RESULTS / "swap_bench.json").read_text())
+    gpu = json.loads((RESULTS / "gpu_report_h100.json").read_text())
+    head = "<!-- generated by docs/generate.py from {} -->\n`{}` — torch {}, {}, {}\n"
+    v, m = gpu["versions"], cpu["machine"]
+    return {
+        RESULTS / "swap_bench.md": head.format(
+            "swap_bench.json", cpu["command"], m["torch"], m["device"], m["cpu"]
+        )
+        + "\n".join(swap_bench.table(case) for case in cpu["cases"])
+        + "\n",
+        RESULTS / "gpu_h100.md": head.format(
+            "gpu_report_h100.json",
+            "PYTHONPATH=. python3 benchmarks/gpu_check.py",
+            v["torch"],
+            v["gpu"],
+            gpu["date"],
+        )
+        + "\n".join(swap_bench.table(case) for case in gpu["cases"])
+        + "\n",
+    }
+
+
+def pictures(out: Path) -> list[str]:
+    import engine_bench
+    import swap_bench
+
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = json.loads((RESULTS / "swap_bench.json").read_text())
+    engines = json.loads((RESULTS / "engine_bench.json").read_text())
+    done = [
+        swap_bench.plot(cpu["sweep"], out / "swap_bench.png"),
+        swap_bench.plot_delta(cpu["cases"], out / "delta_bench.png"),
+    ]
+    engine_bench.plot(engines["results"], out / "engine_bench.png")
+    return [*done, f"plot: {out / 'engine_bench.png'}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="compare the texts; write nothing")
+    args = ap.parse_args(argv)
+    texts = {ROOT / "docs" / "troubleshooting.md": troubleshooting(), **tables()}
+    stale = [p for p, text in texts.items() if not p.is_file() or p.read_text() != text]
+    if args.check:
+        for p in stale:
+            print(f"stale: {p.relative_to(ROOT)} (run python docs/generate.py)")
+        return 1 if stale else 0
+    for p, text in texts.items():
+        p.write_text(text)
+        print(f"wrote {p.relative_to(ROOT)}")
+    for line in pictures(ROOT / "docs" / "assets"):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
