@@ -322,7 +322,7 @@ def table(results: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    """The table as Markdown, for the README."""
+    """The table as Markdown, for the Performance page."""
     lines = [
         "| engine | reference | step ms (spread) | × none | reference forward | swap | "
         "peak MiB / rank | × none | extra held / rank | trace lost / step |",
