@@ -11,11 +11,11 @@ It does five things, and says what it skipped and why:
 1. runs every test marked ``gpu`` (``tests/test_gpu.py``) in a pytest subprocess; a test that
    needs what the machine lacks (a second GPU) skips, saying which;
 2. times, with CUDA events, the round trip "swap the reference in, restore the policy" for a
-   7B-shaped bf16 adapter (32 layers, hidden 4096, intermediate 11008, LoRA r=16 on all 7
-   projections: 448 tensors, ≈80 MB) and, GB10-sized, the same base with r=64 — each beside
-   its floor (one pinned host-to-device copy of the adapter's bytes), beside peft
-   ``set_adapter``, ``functional_call``'s swap and ``load_state_dict``, and beside one real
-   forward (batch 4 x 64), with ``benchmarks/swap_bench.py``'s ``run_case``;
+   LoRA on a 7B-shaped bf16 base (32 layers, hidden 4096, intermediate 11008, r=16 on all 7
+   projections: 448 tensors, 152.5 MiB, float32 as peft keeps them) and, GB10-sized, the same
+   base with r=64 — each beside its floor (one pinned host-to-device copy of the adapter's
+   bytes), beside peft ``set_adapter``, ``functional_call``'s swap and ``load_state_dict``, and
+   beside one real forward (batch 4 x 64), with ``benchmarks/swap_bench.py``'s ``run_case``;
 3. counts host syncs per call (torch's sync debug mode, plus ``Event.synchronize``, which that
    mode does not see) for ``delta()``, the snapshot's entry and exit, ``update_`` and
    ``refresh``, and the device and pinned host memory a snapshot and a tracker keep;

@@ -57,25 +57,32 @@ GROUPS = [
 ]
 
 
-def _text(node: ast.AST, top: bool = True) -> str | None:
-    """A message as a reader meets it: literal parts as they are, computed parts as ``…``;
-    None for a message that is not written out where it is raised."""
+def _text(node: ast.AST, constants: dict[str, str], top: bool = True) -> str | None:
+    """A message as a reader meets it: literal parts as they are (a module's string constants
+    filled in), computed parts as ``…``; None for a message not written out where it is used."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
+    if isinstance(node, ast.Name) and not top:
+        return constants.get(node.id)
     if isinstance(node, ast.JoinedStr):
         return "".join(v.value if isinstance(v, ast.Constant) else "…" for v in node.values)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        left, right = _text(node.left, False), _text(node.right, False)
+        left, right = _text(node.left, constants, False), _text(node.right, constants, False)
         if top and left is None and right is None:
             return None
         return (left or "…") + (right or "…")
     return None
 
 
+REASONS = ("_why", "_unusable", "unusable", "swapped")
+"""Functions whose strings are the reasons filled into other messages (``{why}``)."""
+
+
 class _Finder(ast.NodeVisitor):
     """Each message with the function (``Class.method``) that raises, returns or warns it."""
 
-    def __init__(self) -> None:
+    def __init__(self, constants: dict[str, str]) -> None:
+        self.constants = constants
         self.stack: list[str] = []
         self.found: list[tuple[int, str, str, str]] = []
 
@@ -87,7 +94,10 @@ class _Finder(ast.NodeVisitor):
     visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _scope
 
     def _add(self, node, call: ast.Call, kind: str) -> None:
-        text = _text(call.args[0]) if call.args else None
+        self._found(node, call.args[0] if call.args else None, kind)
+
+    def _found(self, node, message: ast.AST | None, kind: str) -> None:
+        text = _text(message, self.constants) if message is not None else None
         if text is not None:
             self.found.append((node.lineno, kind, ".".join(self.stack) or "(module)", text))
 
@@ -101,9 +111,14 @@ class _Finder(ast.NodeVisitor):
         kind = ast.unparse(node.value.func) if isinstance(node.value, ast.Call) else ""
         if kind.endswith("Error"):
             self._add(node, node.value, kind)
+        elif self.stack and self.stack[-1] in REASONS and node.value is not None:
+            self._found(node, node.value, "fills a … in this group")
         self.generic_visit(node)
 
     def visit_Call(self, node: ast.Call) -> None:
+        reason = self.stack and self.stack[-1] in REASONS
+        if reason and isinstance(node.func, ast.Attribute) and node.func.attr == "append":
+            self._found(node, node.args[0], "fills a … in this group")  # a reason built up
         if ast.unparse(node.func) == "warnings.warn":
             category = node.args[1] if len(node.args) > 1 else None
             self._add(node, node, ast.unparse(category) if category else "UserWarning")
@@ -112,8 +127,16 @@ class _Finder(ast.NodeVisitor):
 
 def messages(path: Path) -> list[tuple[str, str, str]]:
     """``(kind, function, message)`` for every message written out in ``path``, in order."""
-    finder = _Finder()
-    finder.visit(ast.parse(path.read_text()))
+    tree = ast.parse(path.read_text())
+    constants = {
+        target.id: text
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name) and (text := _text(node.value, {}, top=False)) is not None
+    }
+    finder = _Finder(constants)
+    finder.visit(tree)
     return [(kind, name, text) for _, kind, name, text in sorted(finder.found)]
 
 
@@ -131,7 +154,8 @@ def troubleshooting() -> str:
         "what you were doing. Each message says what went wrong and, where there is something "
         "to do, what to do; the page linked under each heading says why. This page is "
         "generated from the code (`python docs/generate.py`), and the tests fail when it falls "
-        "behind.",
+        "behind. A row *raised as* “fills a … in this group” is a reason that completes another "
+        "message of its group (the `…` of `…: …. Nothing was changed.`).",
         "",
         "Two rules hold for all of them: an error raised before a swap changes anything leaves "
         "the model exactly as it was (values and parameter objects), and an error on the way "
