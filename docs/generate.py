@@ -4,8 +4,9 @@
     python docs/generate.py --check  # exit 1 if a written text differs from what it would write
 
 - ``docs/troubleshooting.md``: every error and warning message in ``fieldkit/training``, read
-  from the code itself (each ``raise ...(...)`` and ``warnings.warn(...)`` with a literal or
-  f-string message), grouped by what the user was doing;
+  from the code itself (each ``raise ...(...)``, ``return ...Error(...)`` of a helper and
+  ``warnings.warn(...)`` with a literal or f-string message, a module's string constants filled
+  in, and the reasons the functions in ``REASONS`` give), grouped by what the user was doing;
 - ``benchmarks/results/swap_bench.md`` and ``benchmarks/results/gpu_h100.md``: the benchmark
   tables, from ``swap_bench.json`` and ``gpu_report_h100.json``;
 - ``docs/assets/*.png``: the pictures, drawn from the same JSON (needs matplotlib; ``--check``
