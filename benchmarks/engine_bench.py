@@ -164,7 +164,6 @@ def _rank(rank: int, world: int, port: int, engine: str, config: str, shape: dic
     model = _model(shape, seed=0)
     if config == "trl-ref-adapter":
         _trl_ref_adapter(model, shape["r"])
-    lora = [p for p in model.parameters() if p.requires_grad]
     module, backward, step = _prepare(engine, model, device, train=True)
     held = {"model": _local_bytes(model.parameters())}
     reference = None
@@ -252,7 +251,6 @@ def _rank(rank: int, world: int, port: int, engine: str, config: str, shape: dic
         "rank": rank,
         "peak_bytes": peak,
         "held_bytes": held,
-        "lora_params": sum(p.numel() for p in lora) if engine == "fsdp2" else None,
         "runs": [{k: statistics.median(s[k] for s in run) for k in run[0]} for run in runs],
         "invalidations_per_step": (invalidations[0] - before) / (args.runs * args.steps),
     }

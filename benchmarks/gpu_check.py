@@ -206,10 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    left = lambda: args.budget - (time.perf_counter() - started)  # noqa: E731
     result: dict = {"versions": versions(), "date": time.strftime("%Y-%m-%d"), "skipped": []}
     for key, value in result["versions"].items():
         print(f"{key}: {value}", flush=True)
+
+    def left() -> float:
+        """Seconds of the budget not yet spent."""
+        return args.budget - (time.perf_counter() - started)
 
     def write() -> str:
         """The report so far, written after every stage (a stopped call still leaves one)."""

@@ -541,7 +541,7 @@ def combine(runs: list[list[dict]]) -> list[dict]:
     return cases
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot, drawing to files; None where matplotlib is missing."""
     try:
         import matplotlib
@@ -564,7 +564,7 @@ _OTHERS = ["#1f77b4", "#17becf", "#2ca02c", "#9467bd", "#bcbd22", "#7f7f7f", "#3
 
 def plot(sweep: list[dict], path: Path) -> str:
     """The round trip against the adapter's size, one line per method, beside the floor."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
     fig, ax = plt.subplots(figsize=(12, 6.5))
@@ -612,7 +612,7 @@ def plot(sweep: list[dict], path: Path) -> str:
 def plot_delta(cases: list[dict], path: Path) -> str:
     """The weight-delta rows of each case, as multiples of that case's floor: grouped bars,
     each method its own colour and hatch, fieldkit's edged thick."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
     methods = [row["method"] for row in cases[0]["delta"] if "skipped" not in row]

@@ -163,13 +163,13 @@ def troubleshooting() -> str:
         "out of a swap is raised after the live weights are back.",
         "",
     ]
-    source = ROOT / "fieldkit" / "training"
+    found = {p.name: messages(p) for p in (ROOT / "fieldkit" / "training").glob("*.py")}
     grouped = {f for _, files, _ in GROUPS for f in files}
-    missing = sorted(p.name for p in source.glob("*.py") if messages(p) and p.name not in grouped)
+    missing = sorted(name for name, rows in found.items() if rows and name not in grouped)
     if missing:
         raise SystemExit(f"generate.py: no group for the messages of {missing}")
     for title, files, more in GROUPS:
-        rows = [(f, *m) for f in files for m in messages(source / f)]
+        rows = [(f, *m) for f in files for m in found[f]]
         if not rows:
             continue
         page = more.split("#")[0].removeprefix("guides/").removesuffix(".md").replace("-", " ")
@@ -222,7 +222,7 @@ def timeline(path: Path) -> str:
     what each parameter's ``.data`` holds at each moment (pointer mode)."""
     import swap_bench
 
-    plt = swap_bench._pyplot()
+    plt = swap_bench.pyplot()
     if plt is None:
         return "no plot: matplotlib is not installed"
     steps = [  # (what, length, colour, hatch, what the LoRA parameters hold)
