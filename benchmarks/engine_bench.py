@@ -345,7 +345,8 @@ def markdown(results: dict) -> str:
 
 
 def seven_b(results: dict, shape: dict, world: int) -> dict:
-    """Per-rank bytes each option would hold at 7B (bf16, LoRA r=16 on all seven projections),
+    """Per-rank bytes each option would hold at 7B (a bf16 model, its LoRA r=16 on all seven
+    projections in float32 as peft keeps it),
     computed from this run's per-parameter figures: held bytes / parameters they stand for."""
     lora_7b = 32 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))  # A and B, per layer, r=16
     model_7b = 6.74e9
@@ -361,9 +362,12 @@ def seven_b(results: dict, shape: dict, world: int) -> dict:
         if config in rows and key in rows[config]["held_bytes"]:
             measured = rows[config]["held_bytes"][key]
             per_param = measured / (lora if key != "reference model" else _params(shape))
-            scale = lora_7b if key != "reference model" else model_7b
-            # bf16 at 7B: half of this run's float32 bytes per parameter
-            out[config] = {"where": key, "bytes_per_rank": per_param * scale / 2}
+            # A bf16 model at 7B: half of this run's float32 bytes per parameter. Its LoRA stays
+            # float32, as here: peft keeps adapters in float32 over a bf16 base by default.
+            if key == "reference model":
+                out[config] = {"where": key, "bytes_per_rank": per_param * model_7b / 2}
+            else:
+                out[config] = {"where": key, "bytes_per_rank": per_param * lora_7b}
     return {"world": world, "computed, not measured": out}
 
 
